@@ -1,0 +1,183 @@
+"""Loading ml_collections config files (by path or preset name) and validating sections into typed dataclasses."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """'llama3_8b' -> configs/llama3_8b.py; a path is returned as is. Names the known presets when missing."""
+    path = Path(name_or_path)
+    if path.suffix != ".py" and "/" not in name_or_path:
+        path = CONFIG_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise FileNotFoundError(f"config {name_or_path!r} not found (looked for {path}); presets: {known}")
+    return path
+
+
+def _import_config_module(path: Path) -> types.ModuleType:
+    if str(REPO_ROOT) not in sys.path:  # presets import each other as `configs.<name>`
+        sys.path.insert(0, str(REPO_ROOT))
+    spec = importlib.util.spec_from_file_location(f"_leo_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} cannot be parsed: {e.msg} (line {e.lineno})") from e
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config() function")
+    return module
+
+
+def parse_override_value(text: str) -> Any:
+    """'3' -> 3, '1e-4' -> 1e-4, 'true' -> True, "('a', 1)" -> tuple, anything else -> the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies 'a.b.c=value' strings; errors name the unknown field or the type clash."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like 'field.path=value'")
+        key = key.removeprefix("--").removeprefix("config.")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise ValueError(f"override {item!r}: config has no field 'config.{'.'.join(parents[:i + 1])}'")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"override {item!r}: config has no field 'config.{key}'; "
+                             f"fields there: {sorted(node.keys())}")
+        try:
+            node[leaf] = parse_override_value(raw)
+        except TypeError as e:
+            expected = type(node[leaf]).__name__
+            raise ValueError(f"override {item!r}: config.{key} expects a {expected}, got {raw!r}") from e
+    return config
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = (), arg: str | None = None) -> ml_collections.ConfigDict:
+    """Loads configs/<name>.py (or a path), calls get_config([arg]) and applies overrides."""
+    path = resolve_config_path(name_or_path)
+    module = _import_config_module(path)
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    return apply_overrides(config, overrides)
+
+
+def config_from_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Splits `--config NAME|PATH[:arg]` and `--config.x=v` out of argv; returns (config, remaining argv)."""
+    name, overrides, rest = None, [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" and i + 1 < len(args):
+            name, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            name = a.split("=", 1)[1]
+        elif a.startswith("--config."):
+            overrides.append(a[len("--"):])
+        else:
+            rest.append(a)
+        i += 1
+    if name is None:
+        raise ValueError("missing --config: give a preset name (e.g. tiny_llama) or a path to a config .py file")
+    name, _, arg = name.partition(":")
+    return load_config(name, overrides, arg or None), rest
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"{where}: expected a sequence, got {value!r}")
+        args = typing.get_args(annotation)
+        if args and args[-1] is not Ellipsis and len(args) == len(value):
+            return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return tuple(_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def dataclass_from_config(cls: type, config: Mapping[str, Any], where: str):
+    """Builds a (frozen) dataclass from a config mapping; unknown, missing or ill-typed fields are errors that
+    name `where.field`. The dataclass's own `__post_init__` checks cross-field rules."""
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, field in fields.items():
+        if name not in config:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}.{name} is required")
+            continue
+        kwargs[name] = _check_type(config[name], hints[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises ValueError(message) when a config rule is broken."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,46 @@
+"""Command line for weight conversion.
+
+    python -m leo_jax.convert import-hf --src HF_DIR --out CKPT_DIR [--family llama|qwen2|internlm2|...]
+    python -m leo_jax.convert export-hf --src CKPT_DIR --out HF_DIR [--dtype bfloat16] [--max-shard-gb 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from leo_jax.convert.api import export_hf, import_hf
+from leo_jax.convert.core import ConversionError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leo_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="Hugging Face directory -> leo_jax checkpoint")
+    imp.add_argument("--src", required=True, help="directory with config.json and *.safetensors")
+    imp.add_argument("--out", required=True, help="new leo_jax checkpoint directory")
+    imp.add_argument("--family", default=None, help="override the family detected from config.json's model_type")
+    imp.add_argument("--param-dtype", default="float32", help="storage dtype of the imported parameters")
+    exp = sub.add_parser("export-hf", help="leo_jax checkpoint -> Hugging Face directory")
+    exp.add_argument("--src", required=True, help="leo_jax checkpoint directory (from import-hf or training)")
+    exp.add_argument("--out", required=True, help="output directory (config.json + safetensors)")
+    exp.add_argument("--dtype", default=None, help="tensor dtype (default: the dtype of the imported checkpoint)")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors above this size")
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        if args.command == "import-hf":
+            out = import_hf(args.src, args.out, family=args.family, param_dtype=args.param_dtype)
+        else:
+            out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

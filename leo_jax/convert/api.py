@@ -1,0 +1,99 @@
+"""User-facing conversion: Hugging Face directory <-> leo_jax checkpoint, and `load_hf` straight to a module."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from leo_jax.config import dataclass_from_config
+from leo_jax.convert.core import (NUMPY_DTYPES, Family, HFCheckpoint, SafetensorsWriter, detect_family,
+                                  export_tensors, get_family, import_params, load_leo_params, read_leo_meta,
+                                  save_leo_checkpoint)
+
+
+def _open(src: str | os.PathLike, family: str | None) -> tuple[HFCheckpoint, Family, Any]:
+    ckpt = HFCheckpoint(src)
+    fam = get_family(family) if family else detect_family(ckpt.config, ckpt.path / "config.json")
+    return ckpt, fam, fam.config_from_hf(ckpt.config)
+
+
+def abstract_model(family: Family, cfg: Any) -> nnx.Module:
+    """The model with ShapeDtypeStructs instead of arrays: nothing is allocated."""
+    return nnx.eval_shape(lambda: family.build(cfg, rngs=nnx.Rngs(0)))
+
+
+def module_from_params(family: Family, cfg: Any, params: dict[str, jax.Array]) -> nnx.Module:
+    """Builds the module around already-converted arrays {param path: array} (no random init)."""
+    graphdef, state = nnx.split(abstract_model(family, cfg))
+    flat = [(path, var.replace(params["/".join(map(str, path))])) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",
+            family: str | None = None) -> nnx.Module:
+    """A leo_jax module holding the weights of a Hugging Face directory (family from config.json's model_type).
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters."""
+    ckpt, fam, cfg = _open(path, family)
+    cfg = fam.with_dtype(cfg, dtype, param_dtype)
+    params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
+    return module_from_params(fam, cfg, params)
+
+
+def import_hf(src: str | os.PathLike, out: str | os.PathLike, family: str | None = None,
+              param_dtype: str = "float32") -> Path:
+    """HF directory -> leo_jax checkpoint directory (Orbax params + leo_model.json)."""
+    ckpt, fam, cfg = _open(src, family)
+    cfg = fam.with_dtype(cfg, cfg.dtype, param_dtype)
+    params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
+    return save_leo_checkpoint(out, fam, cfg, params, ckpt.config, ckpt.dtype())
+
+
+def load_leo(ckpt_dir: str | os.PathLike, dtype: str | None = None) -> nnx.Module:
+    """A module from a leo_jax checkpoint written by `import_hf`."""
+    meta = read_leo_meta(ckpt_dir)
+    fam = get_family(meta["family"])
+    cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{ckpt_dir}/leo_model.json:model")
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    return module_from_params(fam, cfg, load_leo_params(ckpt_dir))
+
+
+def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype: str | None = None,
+                  hf_config: dict | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Writes a module as a Hugging Face directory (config.json + safetensors), one layer at a time."""
+    fam = get_family(family)
+    params = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return _write_hf(fam, module.cfg, params, out, dtype, hf_config or {}, max_shard_bytes)
+
+
+def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """leo_jax checkpoint -> HF directory; tensors in `dtype` (default: the dtype of the imported checkpoint)."""
+    meta = read_leo_meta(src)
+    fam = get_family(meta["family"])
+    cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{src}/leo_model.json:model")
+    params = load_leo_params(src)
+    return _write_hf(fam, cfg, params, out, dtype or meta.get("hf_dtype"), meta.get("hf_config", {}),
+                     max_shard_bytes)
+
+
+def _write_hf(fam: Family, cfg: Any, params: dict, out, dtype: str | None, hf_config: dict,
+              max_shard_bytes: int) -> Path:
+    out = Path(out)
+    if dtype is not None and dtype not in NUMPY_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {sorted(NUMPY_DTYPES)}")
+    writer = SafetensorsWriter(out, max_shard_bytes)
+    for name, array in export_tensors(fam, cfg, params, NUMPY_DTYPES.get(dtype)):
+        writer.add(name, array)
+    writer.close()
+    hf = fam.config_to_hf(cfg, hf_config)
+    if dtype is not None:
+        hf["dtype"] = dtype
+    fam.write_config(hf, out)
+    return out

@@ -1,0 +1,176 @@
+"""Shared building blocks: parameters with logical axes, Linear, Embed, norms, dtypes, layer stacks and remat."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+Shape = tuple[int, ...]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name_or_dtype: Any) -> jnp.dtype:
+    """'bfloat16' -> jnp.bfloat16; passes dtypes through."""
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[name_or_dtype]
+    return jnp.dtype(name_or_dtype)
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Shape, axes: Axes, dtype: Any) -> nnx.Param:
+    """An nnx.Param that carries its logical axis names (`axes`), used by leo_jax.sharding."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, shape, to_dtype(dtype)), axes=tuple(axes))
+
+
+def normal_init(stddev: float) -> Callable:
+    return jax.nn.initializers.normal(stddev)
+
+
+zeros_init = jax.nn.initializers.zeros
+ones_init = jax.nn.initializers.ones
+
+
+def _as_tuple(x: int | Sequence[int]) -> Shape:
+    return (x,) if isinstance(x, int) else tuple(x)
+
+
+class Linear(nnx.Module):
+    """y = x . W (+ b) contracting the trailing `in_features` dims; in/out may be tuples (e.g. (heads, head_dim)).
+
+    The kernel is laid out `in_features + out_features`, i.e. the transpose of torch's `nn.Linear.weight`.
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        in_axes: Axes,
+        out_axes: Axes,
+        use_bias: bool = False,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Callable | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = _as_tuple(in_features), _as_tuple(out_features)
+        self.dtype = to_dtype(dtype)
+        kernel_init = kernel_init or normal_init(0.02)
+        self.kernel = param(rngs, kernel_init, self.in_features + self.out_features, tuple(in_axes) + tuple(out_axes),
+                            param_dtype)
+        self.bias = param(rngs, zeros_init, self.out_features, tuple(out_axes), param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
+
+    def __init__(self, vocab: int, features: int, *, dtype: Any, param_dtype: Any, init_std: float, rngs: nnx.Rngs):
+        self.dtype = to_dtype(dtype)
+        self.embedding = param(rngs, normal_init(init_std), (vocab, features), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w, statistics in fp32 (as Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None = None):
+        self.eps, self.dtype = eps, to_dtype(dtype)
+        self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last dim with fp32 statistics; optional bias."""
+
+    def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any, use_bias: bool = True,
+                 rngs: nnx.Rngs | None = None):
+        self.eps, self.dtype = eps, to_dtype(dtype)
+        self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype)
+        self.bias = param(rngs, zeros_init, (features,), ("norm",), param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Remat policies by name (config: `remat_policy`).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+    "save_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj", "attn_out",
+                                                               "mlp_out"),
+}
+
+
+def check_remat_policy(name: str, where: str = "remat_policy") -> None:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"{where}={name!r} is not a remat policy; choose one of {sorted(REMAT_POLICIES)}")
+
+
+def maybe_remat(fn: Callable, policy: str) -> Callable:
+    """Wraps a scan body in jax.checkpoint with the named policy ('none' leaves it alone)."""
+    check_remat_policy(policy)
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds `num_layers` independent copies of a layer with a leading 'layers' axis on every parameter.
+
+    The result is one module whose Variables are stacked [num_layers, ...]; run it with `scan_layers`.
+    """
+    keys = jax.random.split(rngs.params(), num_layers)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_layer(nnx.Rngs(0))))
+    states = jax.vmap(lambda k: nnx.state(make_layer(nnx.Rngs(params=k))))(keys)
+    stack = nnx.merge(graphdef, states)
+    for _, variable in nnx.iter_graph(stack):
+        if isinstance(variable, nnx.Variable) and "axes" in variable.get_metadata():
+            variable.set_metadata("axes", ("layers",) + tuple(variable.get_metadata()["axes"]))
+    return stack
+
+
+def scan_layers(stack: nnx.Module, body: Callable, carry: Any, xs: Any = None, *, remat_policy: str = "none"):
+    """lax.scan of `body(layer, carry, x) -> (carry, y)` over a `stack_layers` stack (a pure functional core)."""
+    graphdef, state = nnx.split(stack)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(maybe_remat(step, remat_policy), carry, (state, xs))

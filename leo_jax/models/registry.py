@@ -1,0 +1,45 @@
+"""Model kinds by name: `config.model.kind` -> (config dataclass, module class), imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from flax import nnx
+
+# kind -> "module:ConfigClass:ModelClass". Each model file owns its config dataclass with a `from_config`.
+MODEL_KINDS: dict[str, str] = {
+    "llm": "leo_jax.models.llm.decoder:LLMConfig:CausalLM",
+    "convnext": "leo_jax.models.vision.convnext:ConvNextConfig:ConvNext",
+    "clip_vision": "leo_jax.models.vision.clip:CLIPVisionConfig:CLIPVisionEncoder",
+    "siglip_vision": "leo_jax.models.vision.siglip:SiglipVisionConfig:SiglipVisionEncoder",
+}
+
+
+def model_classes(kind: str) -> tuple[type, type]:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={kind!r} is unknown; choose one of {sorted(MODEL_KINDS)}")
+    module_name, config_name, model_name = MODEL_KINDS[kind].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, model_name)
+
+
+def model_config(model: Mapping[str, Any], where: str = "config.model") -> Any:
+    """The validated config dataclass of `config.model` (all fields but `kind`)."""
+    model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    if "kind" not in model:
+        raise ValueError(f"{where}.kind is required; choose one of {sorted(MODEL_KINDS)}")
+    config_cls, _ = model_classes(model["kind"])
+    return config_cls.from_config({k: v for k, v in model.items() if k != "kind"}, where)
+
+
+def build_model(model: Mapping[str, Any], rngs: nnx.Rngs, where: str = "config.model") -> nnx.Module:
+    _, model_cls = model_classes(dict(model)["kind"])
+    return model_cls(model_config(model, where), rngs=rngs)
+
+
+def abstract_model(model: Mapping[str, Any], where: str = "config.model") -> nnx.Module:
+    """The model with shapes only (nothing allocated)."""
+    cfg = model_config(model, where)
+    _, model_cls = model_classes(dict(model)["kind"])
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
