@@ -151,6 +151,8 @@ def numpy_to_torch(array: Array):
     import torch
 
     array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch wants writable memory; arrays from JAX are read-only views
+        array = array.copy()
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)

@@ -63,12 +63,13 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _generate(graphdef, state, embeds, segment_ids, rng, sampling: SamplingConfig):
+def _generate(graphdef, state, embeds, segment_ids, rng, routing, sampling: SamplingConfig):
     model: CausalLM = nnx.merge(graphdef, state)
     b, t = segment_ids.shape
     cache = model.init_cache(b, t + sampling.max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model.forward(embeds, segment_ids=segment_ids, positions=positions, cache=cache)
+    logits, cache, _ = model.forward(embeds, segment_ids=segment_ids, positions=positions, cache=cache,
+                                     routing=routing)
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
 
     def step(carry, step_rng):
@@ -76,8 +77,8 @@ def _generate(graphdef, state, embeds, segment_ids, rng, sampling: SamplingConfi
         token = sample_token(logits_last, step_rng, sampling.temperature, sampling.top_p)
         token = jnp.where(done, sampling.pad_id, token)
         done = done | jnp.isin(token, eos)
-        next_logits, cache = model.forward(model.embed(token[:, None]), segment_ids=jnp.ones((b, 1), jnp.int32),
-                                           positions=position[:, None], cache=cache)
+        next_logits, cache, _ = model.forward(model.embed(token[:, None]), segment_ids=jnp.ones((b, 1), jnp.int32),
+                                              positions=position[:, None], cache=cache, routing=routing)
         return (next_logits[:, -1], cache, position + 1, done), token
 
     init = (logits[:, -1], cache, positions[:, -1] + 1, jnp.zeros((b,), bool))
@@ -87,14 +88,14 @@ def _generate(graphdef, state, embeds, segment_ids, rng, sampling: SamplingConfi
 
 def generate(model: CausalLM, input_ids: np.ndarray, segment_ids: np.ndarray | None = None,
              sampling: SamplingConfig = SamplingConfig(), rng: jax.Array | None = None,
-             embeds: jax.Array | None = None) -> np.ndarray:
+             embeds: jax.Array | None = None, routing=None) -> np.ndarray:
     """New tokens [B, max_new_tokens] for left-padded prompts (segment ids 1 on tokens, 0 on padding).
 
     After a row emits an EOS id it emits `pad_id`. `embeds` replaces the token embeddings of the prompt (LEO
-    writes its visual tokens into them)."""
+    writes its visual tokens into them); `routing` conditions MMoE routers (LEO-MINI)."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     segment_ids = jnp.ones_like(input_ids) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     graphdef, state = nnx.split(model)
     embeds = model.embed(input_ids) if embeds is None else embeds
     rng = jax.random.key(0) if rng is None else rng
-    return np.asarray(_generate(graphdef, state, embeds, segment_ids, rng, sampling))
+    return np.asarray(_generate(graphdef, state, embeds, segment_ids, rng, routing, sampling))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from leo_jax.layers.common import Linear
+from leo_jax.layers.common import Linear, adapted
 from leo_jax.layers.rope import apply_rope
 from leo_jax.sharding import constrain
 
@@ -64,12 +64,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rope: tuple[jax.Array, jax.Array] | None = None,
                  cache: KVCache | None = None, cache_index: jax.Array | None = None,
-                 bias: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 bias: jax.Array | None = None, lora=None) -> tuple[jax.Array, KVCache | None]:
         """x [B, T, E]. With `cache`, the new keys/values are written at `cache_index` and attention runs over the
-        whole cache (the mask must then be [B, T, S_cache])."""
-        q = checkpoint_name(self.q_proj(x), "query_proj")
-        k = checkpoint_name(self.k_proj(x), "key_proj")
-        v = checkpoint_name(self.v_proj(x), "value_proj")
+        whole cache (the mask must then be [B, T, S_cache]). `lora(name, input)` may add an adapter delta to any
+        projection (see leo_jax.models.mmoe)."""
+        q = checkpoint_name(adapted(self.q_proj, "q_proj", x, lora), "query_proj")
+        k = checkpoint_name(adapted(self.k_proj, "k_proj", x, lora), "key_proj")
+        v = checkpoint_name(adapted(self.v_proj, "v_proj", x, lora), "value_proj")
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = constrain(q, ("batch", "length", "act_heads", None))
@@ -79,4 +80,4 @@ class Attention(nnx.Module):
             cache = KVCache(k, v)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias)
         out = checkpoint_name(out, "attn_out")
-        return self.o_proj(out), cache
+        return adapted(self.o_proj, "o_proj", out, lora), cache

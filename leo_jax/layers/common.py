@@ -79,6 +79,13 @@ class Linear(nnx.Module):
         return y
 
 
+def adapted(linear: Linear, name: str, x: jax.Array, lora=None) -> jax.Array:
+    """linear(x) plus `lora(name, x)` when an adapter function is given and adapts this projection."""
+    y = linear(x)
+    delta = None if lora is None else lora(name, x)
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
 class Embed(nnx.Module):
     """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
 

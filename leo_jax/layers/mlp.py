@@ -7,7 +7,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from leo_jax.layers.common import Linear
+from leo_jax.layers.common import Linear, adapted
 from leo_jax.sharding import constrain
 
 ACTIVATIONS = {
@@ -34,10 +34,10 @@ class SwiGLU(nnx.Module):
         self.up_proj = Linear(features, hidden, in_axes=("embed",), out_axes=("mlp",), **kw)
         self.down_proj = Linear(hidden, features, in_axes=("mlp",), out_axes=("embed",), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    def __call__(self, x: jax.Array, lora=None) -> jax.Array:
+        h = jax.nn.silu(adapted(self.gate_proj, "gate_proj", x, lora)) * adapted(self.up_proj, "up_proj", x, lora)
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return self.down_proj(h)
+        return adapted(self.down_proj, "down_proj", h, lora)
 
 
 class MLP(nnx.Module):

@@ -20,6 +20,7 @@ from leo_jax.layers.common import DTYPES, Embed, Linear, RMSNorm, check_remat_po
     to_dtype
 from leo_jax.layers.mlp import SwiGLU
 from leo_jax.layers.rope import check_rope_scaling, inverse_frequencies, rope_tables
+from leo_jax.models.mmoe import MMoE, MMoEConfig, RoutingContext
 from leo_jax.sharding import constrain
 
 FAMILIES = ("llama", "qwen2", "internlm2")
@@ -51,6 +52,7 @@ class LLMConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    mmoe: dict | None = None  # LEO-MINI's LoRA experts + routers (leo_jax.models.mmoe.MMoEConfig fields)
 
     def __post_init__(self):
         w = "config.model"
@@ -66,6 +68,11 @@ class LLMConfig:
         require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
         check_remat_policy(self.remat_policy, f"{w}.remat_policy")
         check_rope_scaling(self.rope_scaling, f"{w}.rope_scaling")
+        self.mmoe_config  # validates the MMoE section
+
+    @property
+    def mmoe_config(self) -> MMoEConfig | None:
+        return None if self.mmoe is None else MMoEConfig.from_config(self.mmoe)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -88,6 +95,15 @@ class LLMConfig:
         return dataclasses.replace(self, **changes)
 
 
+class DecoderOutput(NamedTuple):
+    """`out`: logits [B, T, vocab] (fp32) or final hidden states; `cache`: the updated cache or None; `aux`: MMoE
+    router statistics stacked over layers (balance_loss [L], expert_load [L, E], router_entropy [L]) or {}."""
+
+    out: jax.Array
+    cache: "DecoderCache | None"
+    aux: dict
+
+
 class DecoderCache(NamedTuple):
     """KV cache for generation: per-layer keys/values stacked [L, B, S, K, D], key segment ids [B, S] (0 = empty
     or padding) and the next write index (a scalar shared by the batch; rows are left-padded)."""
@@ -106,12 +122,19 @@ class DecoderLayer(nnx.Module):
                               rngs=rngs, **kw)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, init_std=cfg.initializer_range, rngs=rngs, **kw)
+        mmoe = cfg.mmoe_config
+        self.mmoe = None if mmoe is None else MMoE(
+            cfg.hidden_size, mmoe, {**{n: getattr(self.attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                                    **{n: getattr(self.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}},
+            rngs=rngs, **kw)
 
-    def __call__(self, x, *, mask, rope, cache=None, cache_index=None):
-        h, cache = self.attn(self.input_norm(x), mask=mask, rope=rope, cache=cache, cache_index=cache_index)
+    def __call__(self, x, *, mask, rope, cache=None, cache_index=None, routing=None, token_mask=None):
+        h = self.input_norm(x)
+        lora, stats = (None, {}) if self.mmoe is None else self.mmoe.adapter(h, routing, token_mask)
+        h, cache = self.attn(h, mask=mask, rope=rope, cache=cache, cache_index=cache_index, lora=lora)
         x = constrain(x + h, ("batch", "length", "act_embed"))
-        x = x + self.mlp(self.post_attn_norm(x))
-        return constrain(x, ("batch", "length", "act_embed")), cache
+        x = x + self.mlp(self.post_attn_norm(x), lora=lora)
+        return constrain(x, ("batch", "length", "act_embed")), cache, stats
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -144,20 +167,21 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
-        logits, _ = self.forward(self.embed(input_ids), segment_ids=segment_ids, positions=positions)
-        return logits
+        return self.forward(self.embed(input_ids), segment_ids=segment_ids, positions=positions).out
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def forward(self, embeds: jax.Array, *, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-                cache: DecoderCache | None = None, return_hidden: bool = False):
-        """Runs the stack on input embeddings [B, T, E] (LEO writes visual tokens into them first).
-
-        Returns (logits or final hidden states, updated cache or None).
-        """
+                cache: DecoderCache | None = None, return_hidden: bool = False,
+                routing: RoutingContext | None = None) -> DecoderOutput:
+        """Runs the stack on input embeddings [B, T, E] (LEO writes visual tokens into them first). `routing` is
+        required when the config has MMoE experts."""
         cfg = self.cfg
+        if (cfg.mmoe is None) != (routing is None):
+            raise ValueError("config.model.mmoe and the `routing` argument go together: an LLM with MMoE experts "
+                             "needs RoutingContext(visual, prompt); one without takes none")
         b, t = embeds.shape[:2]
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
@@ -178,15 +202,18 @@ class CausalLM(nnx.Module):
         rope = rope_tables(positions, inv_freq)
         x = constrain(embeds.astype(to_dtype(cfg.dtype)), ("batch", "length", "act_embed"))
 
-        def body(layer, h, layer_cache):
-            h, new_cache = layer(h, mask=mask, rope=rope, cache=layer_cache, cache_index=start)
-            return h, new_cache
+        token_mask = segment_ids != 0
 
-        x, new_layers = scan_layers(self.layers, body, x, None if cache is None else cache.layers,
-                                    remat_policy=cfg.remat_policy)
+        def body(layer, h, layer_cache):
+            h, new_cache, stats = layer(h, mask=mask, rope=rope, cache=layer_cache, cache_index=start,
+                                        routing=routing, token_mask=token_mask)
+            return h, (new_cache, stats)
+
+        x, (new_layers, aux) = scan_layers(self.layers, body, x, None if cache is None else cache.layers,
+                                           remat_policy=cfg.remat_policy)
         x = self.norm(x)
         new_cache = None if cache is None else DecoderCache(new_layers, k_segments, start + t)
-        return (x if return_hidden else self.logits(x)), new_cache
+        return DecoderOutput(x if return_hidden else self.logits(x), new_cache, aux)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any | None = None) -> DecoderCache:
         cfg = self.cfg

@@ -1,0 +1,90 @@
+"""Data pipeline options shared by every preset (``config.data`` in the training presets).
+
+Presets compose this: ``data = common_data.get_config(); data.seq_len = 2048; ...``. The model-dependent sizes
+(tile px, encoder input px, visual tokens per tile / image) must agree with the model config; presets copy them
+from there. Everything is consumed by ``leo_jax.data.pipeline``.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- where the data is ---------------------------------------------------------------------------------------
+    # Comma-separated list of LLaVA .json (array) / .jsonl annotation files or TFDS ArrayRecord dataset directories
+    # (written by `python -m leo_jax.data.tfds_builder`); several are read back to back as one data set.
+    c.train_files = ""
+    # Directory the records' `image` paths are relative to; "" = each annotation file's own directory.
+    c.image_root = ""
+    c.eval_files = ""
+    c.eval_image_root = ""
+    c.split = "train"  # split name inside ArrayRecord dataset directories
+
+    # --- text ----------------------------------------------------------------------------------------------------
+    c.tokenizer = ""  # tokenizer.json / SentencePiece .model / directory holding one
+    # Conversation template: 'internlm2_chat' (LEO), 'llama3' (LEO-MINI Llama3-8B), 'vicuna_v1', 'plain'
+    # (projector pre-training: image + caption, caption supervised).
+    c.template = "internlm2_chat"
+    c.seq_len = 8192  # row capacity in tokens (LEO SFT: 8192; LEO-MINI: 2048); longer samples are skipped
+    # Optional increasing padded lengths ending at seq_len, e.g. (1024, 2048, 4096, 8192): a batch is padded to the
+    # smallest bucket >= its longest row (one bucket per batch -> at most len(seq_buckets) compiled shapes).
+    # Empty: every batch is padded to seq_len (one compiled shape; the default).
+    c.seq_buckets = ()
+
+    # --- batching ------------------------------------------------------------------------------------------------
+    c.global_batch_size = 128  # rows per step over all processes; each process builds global/process_count rows
+    c.eval_batch_size = 8  # global, for the eval iterator
+    # Packing: several samples per row (first fit), separated by segment_ids, positions restart per sample.
+    c.packing = False
+    c.max_samples_per_row = 8  # with packing; 1 sample per row otherwise
+
+    # --- order, determinism and throughput -----------------------------------------------------------------------
+    c.seed = 0  # fixes the shuffle order of every epoch and every random augmentation
+    c.shuffle = True
+    # None repeats forever and the step count ends training: use that on multi-host runs, where processes may
+    # otherwise run out of data at different steps (their shards differ by one record and by skips).
+    c.num_epochs = 1
+    # Worker processes for decoding / tiling / tokenising (0 = in the main process). The batch order does not depend
+    # on it. Scripts using workers need an `if __name__ == "__main__":` guard.
+    c.num_workers = 0
+    c.worker_buffer_size = 4  # samples each worker prepares ahead
+    c.read_threads = 2  # threads per process reading + transforming samples
+    c.read_buffer_size = 16  # samples prefetched by those threads
+
+    # --- bad input -----------------------------------------------------------------------------------------------
+    # A record with a missing/corrupt image, malformed JSON, more <image> tags than images, too many tokens or
+    # images, or no supervised token is skipped, counted per reason and logged with its file and line/record.
+    # The run stops with an error once skipped/seen exceeds max_skip_fraction, checked after min_records_checked
+    # records (so a handful of early skips does not stop a run, but a wrong image_root does, quickly).
+    c.max_skip_fraction = 0.01
+    c.min_records_checked = 200
+
+    # --- LEO: adaptive tiling, InternViT + SAM per tile (SPEC 2.1) -----------------------------------------------
+    c.leo = ml_collections.ConfigDict()
+    c.leo.tile_size = 448  # InternViT input = tile size
+    c.leo.sam_size = 1024  # SAM input: each tile resized to this (longest side) and padded square
+    c.leo.min_tiles = 1
+    c.leo.max_tiles = 6  # per sample; split over its images (max_tiles // n_images each), + 1 thumbnail per image
+    c.leo.use_thumbnail = True
+    c.leo.max_tiles_per_row = 7  # K: tile slots per batch row (>= max_tiles + 1; more when packing)
+    c.leo.tokens_per_tile = 512  # 256 InternViT + 256 SAM tokens interleaved
+    c.leo.jpeg_augment = True  # random JPEG re-encoding of the InternViT tiles, training only (LEO recipe)
+    c.leo.jpeg_quality_range = (75, 100)  # inclusive, as InternVL's simulate_jpeg_degradation
+
+    # --- LEO-MINI: several vision experts, one image -> num_query_tokens tokens (SPEC 2.2) -----------------------
+    c.leo_mini = ml_collections.ConfigDict()
+    # Expert names in model order; each gets a `pixels_<name>` (or `patches_<name>`) batch entry.
+    c.leo_mini.experts = ("clip", "eva02", "convnext", "pix2struct")
+    # Per expert: preprocessor kind (default: the name) and options of image_processing.get_preprocessor
+    # (sizes from each checkpoint: CLIP-L/14-336, EVA-02-L/14-336, ConvNeXt-L at 1024 px in Eagle, Pix2Struct-L).
+    c.leo_mini.expert_options = ml_collections.ConfigDict(
+        {
+            "clip": {"kind": "clip", "shortest_edge": 336, "crop_size": 336},
+            "eva02": {"kind": "eva02", "size": 336},
+            "convnext": {"kind": "convnext", "shortest_edge": 1024},
+            "pix2struct": {"kind": "pix2struct", "max_patches": 576, "patch_size": 16},
+        }
+    )
+    c.leo_mini.num_query_tokens = 64  # visual tokens per image after CoTR
+    c.leo_mini.max_images_per_row = 1  # M: image slots per batch row (more for multi-image data or packing)
+    return c

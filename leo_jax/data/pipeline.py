@@ -1,0 +1,496 @@
+"""Grain input pipeline: LLaVA-style records -> decoded, tiled, tokenised samples -> packed fixed-shape batches.
+
+Stages (train)::
+
+    source -> [process shard i::n] -> shuffle(seed) -> repeat(epochs)          (MapDataset, index arithmetic only)
+           -> SampleTransform (decode, LEO tiling / LEO-MINI expert preprocessing, tokenise)   (map_with_index)
+           -> to_iter_dataset -> mp_prefetch(num_workers)                      (workers do the heavy part)
+           -> PackedBatchDataset: drop + count skipped samples, first-fit rows, collate   (main process)
+
+Why this split: every many-to-one step (skipping bad samples, packing, batching) runs *after* the worker
+processes, which return exactly one element (a sample or a skip marker) per index in order, so the batch sequence
+does not depend on the number of workers. Per-sample randomness (JPEG quality) is seeded by (seed, stream index),
+so it does not depend on workers or on resuming either. The iterator state is Grain's state of the sample stream
+plus the skip counters, all JSON-serialisable; a restored iterator yields exactly the next batch.
+
+Public entry points: :func:`make_train_iterator`, :func:`make_eval_iterator`, :func:`to_global_batch`.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import io
+import logging
+import math
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from leo_jax.data import image_processing, packing, sources, templates, tiling
+
+logger = logging.getLogger(__name__)
+
+MODEL_KINDS = ("leo", "leo_mini")
+
+# Skip reasons (besides the sources' malformed_json / malformed_record).
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TAG_MISMATCH = "image_tag_mismatch"
+TOO_LONG = "too_long"
+TOO_MANY_IMAGES = "too_many_images"
+NO_SUPERVISED_TOKENS = "no_supervised_tokens"
+BAD_CONVERSATION = "bad_conversation"
+
+IMAGE_TAG = templates.IMAGE_PLACEHOLDER
+SKIP_KEY = "skip_reason"
+
+
+class DataSkipLimitError(RuntimeError):
+    """Too large a fraction of the input was unusable: most likely a wrong path, image root or template."""
+
+
+class SkipStats:
+    """Counts of seen and skipped records per reason; raises once the skip fraction passes the limit.
+
+    ``as_metrics()`` gives flat numbers for the trainer's logs; ``state()``/``load()`` travel in the iterator state.
+    """
+
+    def __init__(self, max_skip_fraction: float, min_records_checked: int):
+        if not 0 <= max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.max_skip_fraction = max_skip_fraction
+        self.min_records_checked = min_records_checked
+        self.seen = 0
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def record_ok(self) -> None:
+        self.seen += 1
+
+    def record_skip(self, reason: str, origin: str, detail: str) -> None:
+        self.seen += 1
+        self.skipped[reason] += 1
+        logger.warning("data: skipped %s (%s: %s)", origin, reason, detail)
+        total = sum(self.skipped.values())
+        if self.seen >= self.min_records_checked and total > self.max_skip_fraction * self.seen:
+            raise DataSkipLimitError(
+                f"skipped {total} of {self.seen} records ({total / self.seen:.1%} > max_skip_fraction="
+                f"{self.max_skip_fraction:.1%}); by reason: {dict(self.skipped)}; last: {origin} ({reason}: {detail}). "
+                "Check data.train_files, data.image_root and data.template, or raise data.max_skip_fraction."
+            )
+
+    def as_metrics(self) -> dict[str, int]:
+        metrics = {"data/records_seen": self.seen, "data/records_skipped": sum(self.skipped.values())}
+        metrics.update({f"data/skipped/{reason}": n for reason, n in sorted(self.skipped.items())})
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        return {"seen": self.seen, "skipped": dict(self.skipped)}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.seen = int(state["seen"])
+        self.skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+
+
+def _skip(reason: str, origin: str, detail: str) -> dict[str, str]:
+    return {SKIP_KEY: reason, "origin": origin, "detail": detail}
+
+
+class _SkipSample(Exception):
+    """Raised inside the per-sample transform; becomes a skip marker for the main process to count."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualSetup:
+    """How one model kind turns images into batch arrays and visual-token counts."""
+
+    mask_key: str  # 'tile_mask' | 'image_mask'
+    capacity: int  # items per row (K tiles / M images)
+    specs: dict[str, tuple[tuple[int, ...], Any]]  # batch key -> (one item's shape, dtype)
+
+
+class SampleTransform:
+    """(stream index, (source index, Record)) -> one sample dict for ``packing``, or a skip marker.
+
+    Holds only plain config values; the tokenizer and preprocessors are built lazily in whichever process runs it
+    (Grain pickles the transform into its workers).
+    """
+
+    def __init__(self, data_config, model_kind: str, training: bool):
+        if model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
+        self.config = data_config
+        self.model_kind = model_kind
+        self.training = training
+        self._tokenizer = None
+        self._preprocessors: dict[str, Any] | None = None
+        self._setup: VisualSetup | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_tokenizer=None, _preprocessors=None, _setup=None)
+        return state
+
+    # --- lazily built helpers ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = prepare_tokenizer(self.config)
+        return self._tokenizer
+
+    @property
+    def preprocessors(self) -> dict[str, Any]:
+        """Batch-key prefix -> preprocessor: LEO {'tiles': intern_vit, 'sam_tiles': sam}; LEO-MINI one per expert."""
+        if self._preprocessors is None:
+            self._preprocessors = build_preprocessors(self.config, self.model_kind)
+        return self._preprocessors
+
+    @property
+    def setup(self) -> VisualSetup:
+        if self._setup is None:
+            self._setup = visual_setup(self.config, self.model_kind, self.preprocessors)
+        return self._setup
+
+    # --- the transform -------------------------------------------------------------------------------------------
+    def __call__(self, stream_index: int, indexed_record: tuple[int, sources.Record]) -> dict[str, Any]:
+        source_index, record = indexed_record
+        if record.error is not None:
+            reason, detail = record.error
+            return _skip(reason, record.origin, detail)
+        try:
+            return self._sample(stream_index, source_index, record)
+        except _SkipSample as skip:
+            return _skip(skip.reason, record.origin, skip.detail)
+
+    def _sample(self, stream_index: int, source_index: int, record: sources.Record) -> dict[str, Any]:
+        # LLaVA-style data sometimes omits the placeholder; like LLaVA/InternVL, put the image(s) first then.
+        conversations = templates.ensure_image_placeholders(record.conversations, len(record.images))
+        num_tags = sum(turn[sources.TEXT_KEY].count(IMAGE_TAG) for turn in conversations)
+        if num_tags != len(record.images):
+            raise _SkipSample(IMAGE_TAG_MISMATCH, f"{num_tags} {IMAGE_TAG} tags, {len(record.images)} images")
+        images = [_decode_image(ref) for ref in record.images]
+
+        rng = np.random.default_rng([int(self.config.seed), int(stream_index)])
+        if self.model_kind == "leo":
+            visual, token_counts = self._leo_visual(images, rng)
+        else:
+            visual, token_counts = self._leo_mini_visual(images)
+        n_items = len(next(iter(visual.values()))) if visual else 0
+        if n_items > self.setup.capacity:
+            raise _SkipSample(TOO_MANY_IMAGES, f"{n_items} visual items > {self.setup.capacity} slots per row")
+        try:
+            encoded = templates.encode_conversation(conversations, self.tokenizer, self.config.template, token_counts)
+        except ValueError as e:
+            raise _SkipSample(BAD_CONVERSATION, str(e)) from e
+        length = len(encoded.input_ids)
+        if length > self.config.seq_len:
+            raise _SkipSample(TOO_LONG, f"{length} tokens > seq_len {self.config.seq_len}")
+        if not np.asarray(encoded.loss_mask)[1:].any():
+            raise _SkipSample(NO_SUPERVISED_TOKENS, "no assistant token to predict")
+        sample = {
+            "input_ids": np.asarray(encoded.input_ids, np.int32),
+            "loss_mask": np.asarray(encoded.loss_mask, np.bool_),
+            "prompt_mask": np.asarray(encoded.prompt_mask, np.bool_),
+            "sample_index": source_index,
+        }
+        for key, (item_shape, dtype) in self.setup.specs.items():
+            sample[key] = visual[key] if key in visual else np.zeros((0, *item_shape), dtype)
+        return sample
+
+    def _leo_visual(self, images: list[Image.Image], rng: np.random.Generator):
+        """LEO: tile each image within its share of the tile budget; InternViT + SAM input per tile."""
+        leo = self.config.leo
+        pre = self.preprocessors
+        if not images:
+            return {}, []
+        budget = tiling.tiles_per_image_budget(len(images), leo.max_tiles)
+        internvit_tiles, sam_tiles, token_counts = [], [], []
+        for image in images:
+            tiles = tiling.tile_image(
+                image, max_tiles=budget, tile=leo.tile_size, min_tiles=leo.min_tiles, use_thumbnail=leo.use_thumbnail
+            )
+            for tile in tiles:
+                sam_tiles.append(pre["sam_tiles"].host(tile))
+                if self.training and leo.jpeg_augment:
+                    tile = tiling.jpeg_quality_augment(tile, rng, tuple(leo.jpeg_quality_range))
+                internvit_tiles.append(pre["tiles"].host(tile))
+            token_counts.append(leo.tokens_per_tile * len(tiles))
+        return {"tiles": np.stack(internvit_tiles), "sam_tiles": np.stack(sam_tiles)}, token_counts
+
+    def _leo_mini_visual(self, images: list[Image.Image]):
+        """LEO-MINI: every expert's own preprocessing of each whole image; num_query_tokens tokens per image."""
+        if not images:
+            return {}, []
+        visual: dict[str, np.ndarray] = {}
+        for name, pre in self.preprocessors.items():
+            outputs = [pre.host(image) for image in images]
+            if isinstance(outputs[0], dict):  # pix2struct: flattened patches + mask
+                visual[f"patches_{name}"] = np.stack([o["flattened_patches"] for o in outputs])
+                visual[f"patch_mask_{name}"] = np.stack([o["attention_mask"] for o in outputs])
+            else:
+                visual[f"pixels_{name}"] = np.stack(outputs)
+        return visual, [self.config.leo_mini.num_query_tokens] * len(images)
+
+
+def _decode_image(ref: str | bytes) -> Image.Image:
+    """Open an image from a path or encoded bytes as RGB; raises _SkipSample when missing or unreadable."""
+    if isinstance(ref, bytes) and not ref:
+        raise _SkipSample(MISSING_IMAGE, "empty image bytes (the file was missing at conversion)")
+    try:
+        image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+        image.load()
+        return image.convert("RGB")
+    except FileNotFoundError as e:
+        raise _SkipSample(MISSING_IMAGE, str(e)) from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        name = ref if isinstance(ref, str) else f"{len(ref)} image bytes"
+        raise _SkipSample(CORRUPT_IMAGE, f"{name}: {e}") from e
+
+
+def prepare_tokenizer(data_config):
+    """The configured tokenizer with the image tokens registered, checked against the template."""
+    if not data_config.tokenizer:
+        raise ValueError("data.tokenizer is empty: set it to a tokenizer.json, SentencePiece .model or a directory")
+    return templates.setup_tokenizer(data_config.tokenizer, data_config.template)
+
+
+def build_preprocessors(data_config, model_kind: str) -> dict[str, Any]:
+    """Batch-key stem -> image preprocessor for ``model_kind``, sized from the data config."""
+    if model_kind == "leo":
+        leo = data_config.leo
+        return {
+            "tiles": image_processing.get_preprocessor("intern_vit", size=leo.tile_size),
+            "sam_tiles": image_processing.get_preprocessor("sam", longest_edge=leo.sam_size),
+        }
+    options = data_config.leo_mini.expert_options
+    preprocessors = {}
+    for name in data_config.leo_mini.experts:
+        expert = dict(options[name]) if name in options else {}
+        kind = expert.pop("kind", name)
+        preprocessors[name] = image_processing.get_preprocessor(kind, **expert)
+    return preprocessors
+
+
+def visual_setup(data_config, model_kind: str, preprocessors: Mapping[str, Any]) -> VisualSetup:
+    """Per-item array shapes of the model's visual batch entries (probed from the preprocessors)."""
+    if model_kind == "leo":
+        specs = {key: ((*pre.output_size, 3), np.uint8) for key, pre in preprocessors.items()}
+        return VisualSetup("tile_mask", data_config.leo.max_tiles_per_row, specs)
+    specs = {}
+    for name, pre in preprocessors.items():
+        if isinstance(pre, image_processing.Pix2StructPreprocessor):
+            specs[f"patches_{name}"] = ((pre.max_patches, pre.patch_dim), np.float32)
+            specs[f"patch_mask_{name}"] = ((pre.max_patches,), np.float32)
+        else:
+            specs[f"pixels_{name}"] = ((*pre.output_size, 3), np.uint8)
+    return VisualSetup("image_mask", data_config.leo_mini.max_images_per_row, specs)
+
+
+class PackedBatchDataset(grain.IterDataset):
+    """Drops and counts skip markers, packs samples first-fit into ``layout`` rows and collates batches.
+
+    min_batches: when the input ends early, emit empty (all-padding) batches up to this many, so every process of
+    a multi-host eval runs the same number of steps.
+    """
+
+    def __init__(self, parent: grain.IterDataset, layout: packing.BatchLayout, data_config, min_batches: int = 0):
+        super().__init__(parent)
+        self.layout = layout
+        self.max_skip_fraction = float(data_config.max_skip_fraction)
+        self.min_records_checked = int(data_config.min_records_checked)
+        self.min_batches = min_batches
+
+    def __iter__(self) -> "PackedBatchIterator":
+        return PackedBatchIterator(
+            self._parent.__iter__(),
+            self.layout,
+            SkipStats(self.max_skip_fraction, self.min_records_checked),
+            self.min_batches,
+        )
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    """Iterator of :class:`PackedBatchDataset`; ``skip_stats`` exposes the counters for logging.
+
+    State: the sample stream's state *before* the first sample not yet in an emitted batch (a sample that did not
+    fit the previous batch is re-read on resume), the skip counters at that point and the number of batches emitted.
+    """
+
+    def __init__(self, parent, layout: packing.BatchLayout, skip_stats: SkipStats, min_batches: int):
+        super().__init__(parent)
+        self.layout = layout
+        self.skip_stats = skip_stats
+        self.min_batches = min_batches
+        self._batches_emitted = 0
+        self._pending: dict[str, Any] | None = None  # read, valid, but did not fit the last batch
+        self._pending_state: dict[str, Any] | None = None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = packing.FirstFitBatch(self.layout)
+        if self._pending is not None:
+            batch.add(self._pending)
+            self._pending = self._pending_state = None
+        while not batch.is_full:
+            state_before = self._current_state()
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if not batch.is_empty or self._batches_emitted < self.min_batches:
+                    break
+                raise
+            if SKIP_KEY in element:
+                self.skip_stats.record_skip(element[SKIP_KEY], element["origin"], element["detail"])
+                continue
+            self.skip_stats.record_ok()
+            if not batch.add(element):
+                self._pending, self._pending_state = element, state_before
+                break
+        self._batches_emitted += 1
+        return batch.collate()
+
+    def _current_state(self) -> dict[str, Any]:
+        # Deep copy: Grain iterators may hand out their internal state object.
+        return {"stream": copy.deepcopy(self._parent.get_state()), "skips": self.skip_stats.state()}
+
+    def get_state(self) -> dict[str, Any]:
+        state = dict(self._pending_state) if self._pending_state is not None else self._current_state()
+        state["batches_emitted"] = self._batches_emitted
+        return state
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._parent.set_state(state["stream"])
+        self.skip_stats.load(state["skips"])
+        self._batches_emitted = int(state["batches_emitted"])
+        self._pending = self._pending_state = None
+
+    def __str__(self) -> str:
+        return f"PackedBatchIterator(layout={self.layout})"
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} out of range for process_count {count}")
+    return index, count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the {process_count} processes")
+    return global_batch_size // process_count
+
+
+def _sample_stream(
+    data_config, files: str, image_root: str, model_kind: str, training: bool, process_index: int, process_count: int
+):
+    """MapDataset of (source index, Record) for this process -> per-sample transform -> IterDataset with workers."""
+    source = sources.open_sources(files, image_root or None, split=data_config.split)
+    ds = grain.MapDataset.source(source).map_with_index(_AttachSourceIndex(len(source)))
+    ds = ds[process_index::process_count]
+    if training:
+        if data_config.shuffle:
+            ds = ds.shuffle(seed=int(data_config.seed))
+        ds = ds.repeat(data_config.num_epochs)
+    ds = ds.map_with_index(SampleTransform(data_config, model_kind, training))
+    read_options = grain.ReadOptions(
+        num_threads=int(data_config.read_threads), prefetch_buffer_size=int(data_config.read_buffer_size)
+    )
+    it_ds = ds.to_iter_dataset(read_options)
+    if data_config.num_workers > 0:
+        from absl import flags  # grain workers read absl flags; unparsed flags fail in spawned processes
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)
+            )
+        )
+    return it_ds, len(source)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttachSourceIndex:
+    """(index, record) -> (record's index in the source, record); later epochs ask for index + epoch * size."""
+
+    num_records: int
+
+    def __call__(self, index: int, record: sources.Record) -> tuple[int, sources.Record]:
+        return index % self.num_records, record
+
+
+def batch_layout(data_config, model_kind: str, batch_size: int, packed: bool) -> packing.BatchLayout:
+    """The static batch shape for ``model_kind`` from the data config."""
+    tokenizer = prepare_tokenizer(data_config)
+    setup = visual_setup(data_config, model_kind, build_preprocessors(data_config, model_kind))
+    return packing.BatchLayout(
+        batch_size=batch_size,
+        seq_len=int(data_config.seq_len),
+        visual_capacity=setup.capacity,
+        visual_mask_key=setup.mask_key,
+        visual_specs=setup.specs,
+        pad_id=int(tokenizer.pad_id),
+        max_segments=int(data_config.max_samples_per_row) if packed else 1,
+        seq_buckets=tuple(data_config.seq_buckets),
+    )
+
+
+def make_train_iterator(
+    data_config, model_kind: str, *, process_index: int | None = None, process_count: int | None = None
+) -> PackedBatchIterator:
+    """Training batches for this process: shuffled by ``seed``, augmented, optionally packed, resumable.
+
+    Each process reads its own shard (records i::process_count) and yields ``global_batch_size / process_count``
+    rows; combine them with :func:`to_global_batch`. ``get_state()`` / ``set_state()`` give exact resume.
+    """
+    process_index, process_count = _process_info(process_index, process_count)
+    stream, _ = _sample_stream(
+        data_config, data_config.train_files, data_config.image_root, model_kind, True, process_index, process_count
+    )
+    layout = batch_layout(
+        data_config, model_kind, _local_batch_size(data_config.global_batch_size, process_count), data_config.packing
+    )
+    return iter(PackedBatchDataset(stream, layout, data_config))
+
+
+def make_eval_iterator(
+    data_config, model_kind: str, *, process_index: int | None = None, process_count: int | None = None
+) -> PackedBatchIterator:
+    """One pass over ``eval_files`` (default: the training files) in order: no shuffle, no augmentation, no packing.
+
+    The last batch is padded with empty rows (segment_ids 0, sample_index -1), and every process yields the same
+    number of batches (ceil(ceil(records / processes) / local batch)), padding with empty batches if needed.
+    """
+    process_index, process_count = _process_info(process_index, process_count)
+    if data_config.eval_files:
+        files, image_root = data_config.eval_files, data_config.eval_image_root
+    else:  # no separate eval set: one pass over the training files
+        files, image_root = data_config.train_files, data_config.image_root
+    stream, total = _sample_stream(data_config, files, image_root, model_kind, False, process_index, process_count)
+    batch_size = _local_batch_size(data_config.eval_batch_size, process_count)
+    layout = batch_layout(data_config, model_kind, batch_size, packed=False)
+    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    return iter(PackedBatchDataset(stream, layout, data_config, min_batches=num_batches))
+
+
+def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, spec) -> dict[str, jax.Array]:
+    """Assemble each process's local rows into global arrays sharded over ``mesh``.
+
+    spec: a PartitionSpec for the leading (batch) axes, applied to every entry (e.g. ``P(('data', 'fsdp'))``), or a
+    mapping key -> PartitionSpec. Each process's rows land on its own devices' slice of the sharded batch axis.
+    """
+    out = {}
+    for key, value in local_batch.items():
+        key_spec = spec[key] if isinstance(spec, Mapping) else spec
+        sharding = jax.sharding.NamedSharding(mesh, key_spec)
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    return out
+

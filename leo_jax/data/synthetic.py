@@ -1,0 +1,415 @@
+"""Built-in synthetic visual-QA set: coloured shapes on a plain background, LLaVA JSON format.
+
+    python -m leo_jax.data.synthetic --out DIR --num N [--seed S] [--val-num V] [--image-size PX]
+
+writes DIR/images/{train,val}/NNNNNN.png, DIR/data.json (train), DIR/val.json and DIR/info.json (the
+arguments and the chance level of every question type). Records follow LLaVA:
+{"id", "image" (path relative to DIR, or a list of them), "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "red"}], "question_type", "scenes"}. `scenes` describes
+every object of each image (shape, color, grid cell, centre, radius in pixels) so answers can be checked.
+
+Evaluated question types (QUESTION_TYPES) need the image: the answer is drawn first, uniformly and
+balanced per type, the question's wording is drawn independently of it, and the scene is built to
+make the answer true, so the text alone predicts nothing beyond chance. A few training-only
+'multi_turn', 'multi_image' and 'text_only' samples exercise those paths of the pipeline.
+Everything is a pure function of the seed: two runs write identical bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+BACKGROUND = (240, 240, 240)
+GRID = 3  # objects sit in distinct cells of a GRID x GRID grid, so they never overlap
+MIN_IMAGE_SIZE = 24
+
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists")  # evaluated; all need the image
+MULTI_TURN = "multi_turn"  # training only: several questions about one image
+MULTI_IMAGE = "multi_image"  # training only: a question about two images
+TEXT_ONLY = "text_only"  # training only: no image
+ANSWERS = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": NUMBER_WORDS[1:5],
+    "position": ("left", "right"),
+    "exists": ("yes", "no"),
+}
+QUESTION_TEMPLATES = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "count": "How many {shape}s are there?",
+    "position": "Is the {color} {shape} left or right of the {other_color} {other_shape}?",
+    "exists": "Are there any {color} {shape}s?",
+    "total": "How many objects are there?",  # multi-turn follow-up only
+    "more": "Which image has more objects, the first or the second?",  # multi-image
+    "sum": "What is {a} plus {b}?",  # text-only
+}
+IMAGE_PLACEHOLDER = "<image>"
+ALL_PAIRS = tuple(itertools.product(SHAPES, COLORS))  # (shape, color)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenes
+# ------------------------------------------------------------------------------------------------
+def _random_pairs(rng, count, allowed):
+    """`count` (shape, color) pairs drawn uniformly with replacement from those `allowed` accepts."""
+    pool = [p for p in ALL_PAIRS if allowed(p)]
+    return [pool[i] for i in rng.integers(0, len(pool), size=count)]
+
+
+def _layout(rng, pairs, image_size, columns=None):
+    """Places each (shape, color) in its own grid cell; columns[i], when given, fixes object i's column."""
+    cell = image_size / GRID
+    free = [(r, c) for r in range(GRID) for c in range(GRID)]
+    cells = []
+    for i in range(len(pairs)):
+        options = [rc for rc in free if columns is None or i >= len(columns) or rc[1] == columns[i]]
+        cells.append(options[rng.integers(0, len(options))])
+        free.remove(cells[-1])
+    objects = []
+    for (shape, color), (row, col) in zip(pairs, cells):
+        radius = int(cell * rng.uniform(0.26, 0.38))
+        slack = max(0, int(cell / 2 - radius - 1))
+        cx = int((col + 0.5) * cell) + int(rng.integers(-slack, slack + 1))
+        cy = int((row + 0.5) * cell) + int(rng.integers(-slack, slack + 1))
+        objects.append({"shape": shape, "color": color, "row": row, "col": col, "cx": cx, "cy": cy,
+                        "radius": radius})
+    return {"image_size": image_size, "objects": objects}
+
+
+def render_scene(scene) -> Image.Image:
+    """The RGB image of a scene description."""
+    size = scene["image_size"]
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene["objects"]:
+        cx, cy, r, fill = obj["cx"], obj["cy"], obj["radius"], COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def answer_from_scene(scene, question_type: str, **params) -> str:
+    """The correct answer to a question about `scene` (params as in QUESTION_TEMPLATES)."""
+    objects = scene["objects"]
+
+    def find(shape=None, color=None):
+        return [o for o in objects if shape in (None, o["shape"]) and color in (None, o["color"])]
+
+    if question_type == "color":
+        (obj,) = find(shape=params["shape"])
+        return obj["color"]
+    if question_type == "shape":
+        (obj,) = find(color=params["color"])
+        return obj["shape"]
+    if question_type == "count":
+        return NUMBER_WORDS[len(find(shape=params["shape"]))]
+    if question_type == "total":
+        return NUMBER_WORDS[len(objects)]
+    if question_type == "exists":
+        return "yes" if find(params["shape"], params["color"]) else "no"
+    if question_type == "position":
+        (a,) = find(params["shape"], params["color"])
+        (b,) = find(params["other_shape"], params["other_color"])
+        return "left" if a["cx"] < b["cx"] else "right"
+    raise ValueError(f"unknown question type {question_type!r}")
+
+
+def _question_for_answer(rng, question_type, answer, image_size):
+    """(scene, params) such that the question with `params` has `answer` on the scene.
+
+    The params (the question's wording) are drawn independently of `answer`.
+    """
+    if question_type == "color":
+        params = {"shape": SHAPES[rng.integers(len(SHAPES))]}
+        pairs = [(params["shape"], answer)]
+        pairs += _random_pairs(rng, rng.integers(0, 4), lambda p: p[0] != params["shape"])
+        columns = None
+    elif question_type == "shape":
+        params = {"color": ANSWERS["color"][rng.integers(len(COLORS))]}
+        pairs = [(answer, params["color"])]
+        pairs += _random_pairs(rng, rng.integers(0, 4), lambda p: p[1] != params["color"])
+        columns = None
+    elif question_type == "count":
+        params = {"shape": SHAPES[rng.integers(len(SHAPES))]}
+        count = NUMBER_WORDS.index(answer)
+        pairs = _random_pairs(rng, count, lambda p: p[0] == params["shape"])
+        pairs += _random_pairs(rng, rng.integers(0, 3), lambda p: p[0] != params["shape"])
+        columns = None
+    elif question_type == "position":
+        first, second = rng.choice(len(ALL_PAIRS), size=2, replace=False)
+        (shape, color), (other_shape, other_color) = ALL_PAIRS[first], ALL_PAIRS[second]
+        params = {"color": color, "shape": shape, "other_color": other_color, "other_shape": other_shape}
+        left_col, right_col = sorted(rng.choice(GRID, size=2, replace=False))
+        columns = (left_col, right_col) if answer == "left" else (right_col, left_col)
+        pairs = [ALL_PAIRS[first], ALL_PAIRS[second]]
+        pairs += _random_pairs(rng, rng.integers(0, 3), lambda p: p not in pairs)
+    elif question_type == "exists":
+        shape, color = ALL_PAIRS[rng.integers(len(ALL_PAIRS))]
+        params = {"shape": shape, "color": color}
+        num_objects = int(rng.integers(1, 5))
+        pairs = [(shape, color)] if answer == "yes" else []
+        pairs += _random_pairs(rng, num_objects - len(pairs), lambda p: p != (shape, color))
+        columns = None
+    else:
+        raise ValueError(f"unknown question type {question_type!r}")
+    order = rng.permutation(len(pairs)) if columns is None else np.arange(len(pairs))
+    scene = _layout(rng, [pairs[i] for i in order], image_size, columns)
+    if answer_from_scene(scene, question_type, **params) != answer:
+        raise AssertionError(f"synthetic generator bug: {question_type} {params} -> {answer}")
+    return scene, params
+
+
+def _turns(question, answer, num_images):
+    return [{"from": "human", "value": (IMAGE_PLACEHOLDER + "\n") * num_images + question},
+            {"from": "gpt", "value": answer}]
+
+
+# ------------------------------------------------------------------------------------------------
+# Records
+# ------------------------------------------------------------------------------------------------
+def _balanced_plan(rng, num):
+    """`num` (question_type, answer) pairs, balanced over types and over each type's answers, shuffled."""
+    plan = []
+    for i in range(num):
+        question_type = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        answers = ANSWERS[question_type]
+        plan.append((question_type, answers[(i // len(QUESTION_TYPES)) % len(answers)]))
+    return [plan[i] for i in rng.permutation(num)]
+
+
+def _check_fractions(**fractions):
+    if any(f < 0 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        raise ValueError(f"{', '.join(fractions)} must be >= 0 and sum to < 1, got {fractions}")
+
+
+def _random_scene(rng, image_size):
+    """1 to 4 objects of any shape and color."""
+    return _layout(rng, _random_pairs(rng, rng.integers(1, GRID * GRID // 2 + 1), lambda p: True), image_size)
+
+
+def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = "train",
+                     multi_turn_fraction: float = 0.0, multi_image_fraction: float = 0.0,
+                     text_only_fraction: float = 0.0) -> list[dict]:
+    """LLaVA records; each with images has 'scenes', the scene of each of its images in order.
+
+    Deterministic in all arguments. Image paths are `images/{split}/{index:06d}.png` (multi-image
+    samples: `..._{k}.png`).
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
+    _check_fractions(multi_turn_fraction=multi_turn_fraction, multi_image_fraction=multi_image_fraction,
+                    text_only_fraction=text_only_fraction)
+    rng = np.random.default_rng([seed, sum(map(ord, split))])
+    extra = {MULTI_TURN: int(num * multi_turn_fraction), MULTI_IMAGE: int(num * multi_image_fraction),
+             TEXT_ONLY: int(num * text_only_fraction)}
+    kinds = _balanced_plan(rng, num - sum(extra.values()))
+    for kind, count in extra.items():
+        kinds += [(kind, None)] * count
+    kinds = [kinds[i] for i in rng.permutation(num)]
+
+    records = []
+    for index, (question_type, answer) in enumerate(kinds):
+        record = {"id": f"synthetic-{split}-{index:06d}"}
+        if question_type == TEXT_ONLY:
+            a, b = (int(x) for x in rng.integers(0, 5, size=2))
+            question = QUESTION_TEMPLATES["sum"].format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
+            record["conversations"] = _turns(question, NUMBER_WORDS[a + b], num_images=0)
+        elif question_type == MULTI_IMAGE:
+            scenes = [_random_scene(rng, image_size) for _ in range(2)]
+            while len(scenes[0]["objects"]) == len(scenes[1]["objects"]):
+                scenes[1] = _random_scene(rng, image_size)
+            more = "first" if len(scenes[0]["objects"]) > len(scenes[1]["objects"]) else "second"
+            record["image"] = [f"images/{split}/{index:06d}_{k}.png" for k in range(2)]
+            record["conversations"] = _turns(QUESTION_TEMPLATES["more"], more, num_images=2)
+            record["scenes"] = scenes
+        else:
+            if question_type == MULTI_TURN:
+                first_type = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+                first_answer = ANSWERS[first_type][rng.integers(len(ANSWERS[first_type]))]
+                scene, params = _question_for_answer(rng, first_type, first_answer, image_size)
+                turns = _turns(QUESTION_TEMPLATES[first_type].format(**params), first_answer, num_images=1)
+                shape, color = ALL_PAIRS[rng.integers(len(ALL_PAIRS))]
+                follow_ups = [("total", {}), ("exists", {"shape": shape, "color": color})]
+                for follow_type, follow_params in (follow_ups[i] for i in rng.permutation(2)):
+                    turns += _turns(QUESTION_TEMPLATES[follow_type].format(**follow_params),
+                                    answer_from_scene(scene, follow_type, **follow_params), num_images=0)
+            else:
+                scene, params = _question_for_answer(rng, question_type, answer, image_size)
+                turns = _turns(QUESTION_TEMPLATES[question_type].format(**params), answer, num_images=1)
+            record["image"] = f"images/{split}/{index:06d}.png"
+            record["conversations"] = turns
+            record["scenes"] = [scene]
+        record["question_type"] = question_type
+        records.append(record)
+    return records
+
+
+def chance_levels(records) -> dict[str, dict]:
+    """Per evaluated question type: sample count, answer-set size, majority answer and its accuracy
+    (what always giving the most common answer scores), and uniform guessing accuracy (1/num_answers)."""
+    answers = collections.defaultdict(list)
+    for record in records:
+        if record["question_type"] in ANSWERS:
+            answers[record["question_type"]].append(record["conversations"][-1]["value"])
+    levels = {}
+    for question_type in QUESTION_TYPES:
+        if not answers[question_type]:
+            continue
+        counts = collections.Counter(answers[question_type])
+        majority, majority_count = max(sorted(counts.items()), key=lambda kv: kv[1])
+        levels[question_type] = {
+            "num": len(answers[question_type]),
+            "num_answers": len(ANSWERS[question_type]),
+            "majority_answer": majority,
+            "majority_accuracy": majority_count / len(answers[question_type]),
+            "uniform_accuracy": 1.0 / len(ANSWERS[question_type]),
+        }
+    return levels
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case first word without surrounding punctuation ("Red." -> "red")."""
+    words = text.strip().lower().split()
+    return words[0].strip(".,!?;:\"'") if words else ""
+
+
+def per_type_accuracy(records, predictions) -> dict[str, dict]:
+    """Exact-match accuracy per evaluated question type next to its chance level.
+
+    predictions[i] is the model's answer to records[i]'s (single) question; answers are compared
+    after normalize_answer. Returns {type: {num, accuracy, majority_accuracy, uniform_accuracy}}.
+    """
+    if len(predictions) != len(records):
+        raise ValueError(f"got {len(predictions)} predictions for {len(records)} records")
+    correct = collections.Counter()
+    for record, prediction in zip(records, predictions):
+        if record["question_type"] in ANSWERS:
+            target = record["conversations"][-1]["value"]
+            correct[record["question_type"]] += normalize_answer(prediction) == target
+    levels = chance_levels(records)
+    return {t: {"num": level["num"], "accuracy": correct[t] / level["num"],
+                "majority_accuracy": level["majority_accuracy"], "uniform_accuracy": level["uniform_accuracy"]}
+            for t, level in levels.items()}
+
+
+def corpus_texts() -> list[str]:
+    """Every question and answer text the generator can produce (the shipped tokenizer covers them)."""
+    texts = [IMAGE_PLACEHOLDER + "\n"] + list(NUMBER_WORDS)
+    for answers in ANSWERS.values():
+        texts += answers
+    for shape, color in ALL_PAIRS:
+        texts += [QUESTION_TEMPLATES["color"].format(shape=shape), QUESTION_TEMPLATES["shape"].format(color=color),
+                  QUESTION_TEMPLATES["count"].format(shape=shape),
+                  QUESTION_TEMPLATES["exists"].format(shape=shape, color=color)]
+        for other_shape, other_color in ALL_PAIRS:
+            texts.append(QUESTION_TEMPLATES["position"].format(shape=shape, color=color, other_shape=other_shape,
+                                                               other_color=other_color))
+    texts += [QUESTION_TEMPLATES["total"], QUESTION_TEMPLATES["more"], "first", "second"]
+    texts += [QUESTION_TEMPLATES["sum"].format(a=a, b=b) for a in NUMBER_WORDS for b in NUMBER_WORDS]
+    return list(dict.fromkeys(texts))
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+
+
+def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> list[dict]:
+    """Generates one split, writes its PNGs under out_dir/images/split/, returns its records."""
+    records = generate_records(num, seed, split=split, **options)
+    os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+    for record in records:
+        paths = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
+        for path, scene in zip(paths, record.get("scenes", [])):
+            render_scene(scene).save(os.path.join(out_dir, path), format="PNG")
+    return records
+
+
+def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, image_size: int = 64,
+                  multi_turn_fraction: float = 0.05, multi_image_fraction: float = 0.02,
+                  text_only_fraction: float = 0.05) -> dict:
+    """Writes data.json (train: evaluated types + multi-turn, multi-image and text-only samples),
+    val.json (evaluated types only) with their images, and info.json (arguments, chance levels);
+    returns the info dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    train = write_split(out_dir, "train", num, seed, image_size=image_size, multi_turn_fraction=multi_turn_fraction,
+                        multi_image_fraction=multi_image_fraction, text_only_fraction=text_only_fraction)
+    val = write_split(out_dir, "val", val_num, seed, image_size=image_size)
+    _write_json(os.path.join(out_dir, "data.json"), train)
+    _write_json(os.path.join(out_dir, "val.json"), val)
+    info = {
+        "num": num, "val_num": val_num, "seed": seed, "image_size": image_size,
+        "multi_turn_fraction": multi_turn_fraction, "multi_image_fraction": multi_image_fraction,
+        "text_only_fraction": text_only_fraction,
+        "question_types": list(QUESTION_TYPES), "answers": ANSWERS,
+        "chance_train": chance_levels(train), "chance_val": chance_levels(val),
+    }
+    _write_json(os.path.join(out_dir, "info.json"), info)
+    return info
+
+
+def format_chance_table(levels: dict[str, dict]) -> str:
+    lines = [f"{'type':<10} {'n':>6} {'answers':>7} {'majority':>9} {'1/answers':>9}"]
+    for question_type, level in levels.items():
+        lines.append(f"{question_type:<10} {level['num']:>6d} {level['num_answers']:>7d} "
+                     f"{level['majority_accuracy']:>9.3f} {level['uniform_accuracy']:>9.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leo_jax.data.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (created)")
+    parser.add_argument("--num", type=int, required=True, help="number of training samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-num", type=int, default=500, help="number of validation samples (default 500)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--multi-turn-fraction", type=float, default=0.05)
+    parser.add_argument("--multi-image-fraction", type=float, default=0.02)
+    parser.add_argument("--text-only-fraction", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    if args.val_num < 1:
+        parser.error(f"--val-num must be >= 1, got {args.val_num}")
+    try:
+        info = write_dataset(args.out, args.num, args.seed, val_num=args.val_num, image_size=args.image_size,
+                             multi_turn_fraction=args.multi_turn_fraction,
+                             multi_image_fraction=args.multi_image_fraction,
+                             text_only_fraction=args.text_only_fraction)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"wrote {args.num} training samples to {os.path.join(args.out, 'data.json')} and "
+          f"{args.val_num} validation samples to {os.path.join(args.out, 'val.json')}")
+    print("chance level per question type (validation set):")
+    print(format_chance_table(info["chance_val"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
