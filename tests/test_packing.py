@@ -159,6 +159,8 @@ def test_tiles_follow_segment_order_with_mask():
         np.testing.assert_array_equal(out["tiles"][r, :n], tiles)
         np.testing.assert_array_equal(out["sam_tiles"][r, :n], sam)
         assert out["tile_mask"][r].tolist() == [True] * n + [False] * (6 - n)
+        owners = [segment + 1 for segment, s in enumerate(row) for _ in range(len(s["tiles"]))]
+        assert out["tile_segment_ids"][r].tolist() == owners + [0] * (6 - n)
         assert (out["tiles"][r, n:] == 0).all()
     assert out["sample_index"].tolist() == [[10, 11, 14], [12, 13, -1]]
 

@@ -125,7 +125,7 @@ def test_leo_eval_batches_follow_the_contract(data_dir):
     expected = {
         "input_ids": ((4, 128), np.int32), "labels": ((4, 128), np.int32), "loss_mask": ((4, 128), np.float32),
         "segment_ids": ((4, 128), np.int32), "positions": ((4, 128), np.int32), "prompt_mask": ((4, 128), np.bool_),
-        "sample_index": ((4, 1), np.int64), "tile_mask": ((4, 7), np.bool_),
+        "sample_index": ((4, 1), np.int64), "tile_mask": ((4, 7), np.bool_), "tile_segment_ids": ((4, 7), np.int32),
         "tiles": ((4, 7, TILE, TILE, 3), np.uint8), "sam_tiles": ((4, 7, SAM, SAM, 3), np.uint8),
     }
     for batch in batches:

@@ -70,6 +70,26 @@ def test_json_and_jsonl_parse_with_image_root(dataset_dir, name):
         assert [source[i].origin.rsplit(":", 1)[1] for i in range(3)] == ["line 1", "line 4", "line 5"]
 
 
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_concurrent_reads_from_one_source_are_exact(dataset_dir, name):
+    """The pipeline reads one source from several threads: no read may see another's file position."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = [dict(r, id=f"{r['id']}-{k}", conversations=r["conversations"] * 40) for k in range(50) for r in RECORDS]
+    path = dataset_dir / "ann" / name.replace("data", "big")
+    with open(path, "w", encoding="utf-8") as f:
+        if name.endswith(".json"):
+            json.dump(big, f)
+        else:
+            f.writelines(json.dumps(r) + "\n" for r in big)
+    source = sources.LlavaJsonSource(str(path))
+    expected = [source[i] for i in range(len(source))]
+    indices = [i % len(source) for i in range(4000)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(source.__getitem__, indices))
+    assert all(g == expected[i] for g, i in zip(got, indices))
+
+
 def test_default_image_root_is_annotation_directory(dataset_dir):
     source = sources.LlavaJsonSource(str(dataset_dir / "ann" / "data.jsonl"))
     assert source[0].images == [str(dataset_dir / "ann" / "coco" / "a.jpg")]

@@ -53,6 +53,11 @@ class BatchLayout:
                 f"seq_buckets must be increasing and end at seq_len={self.seq_len}, got {self.seq_buckets}"
             )
 
+    @property
+    def visual_segment_key(self) -> str:
+        """'tile_segment_ids' / 'image_segment_ids': the segment (sample) owning each visual slot, 0 if empty."""
+        return self.visual_mask_key.replace("_mask", "_segment_ids")
+
     def padded_length(self, longest_row: int) -> int:
         """The length a batch whose longest row has ``longest_row`` tokens is padded to."""
         for bucket in self.seq_buckets:
@@ -76,6 +81,7 @@ class BatchLayout:
             "prompt_mask": np.zeros(shape, np.bool_),
             "sample_index": np.full((self.batch_size, self.max_segments), -1, np.int64),
             self.visual_mask_key: np.zeros((self.batch_size, self.visual_capacity), np.bool_),
+            self.visual_segment_key: np.zeros((self.batch_size, self.visual_capacity), np.int32),
         }
         for key, (item_shape, dtype) in self.visual_specs.items():
             batch[key] = np.zeros((self.batch_size, self.visual_capacity, *item_shape), dtype)
@@ -99,6 +105,7 @@ class BatchLayout:
                 for key in self.visual_specs:
                     batch[key][r, item_offset : item_offset + items] = sample[key]
                 batch[self.visual_mask_key][r, item_offset : item_offset + items] = True
+                batch[self.visual_segment_key][r, item_offset : item_offset + items] = segment + 1
                 token_offset += n
                 item_offset += items
         return batch

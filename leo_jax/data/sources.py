@@ -170,7 +170,7 @@ class LlavaJsonSource:
             self._spans, self._line_numbers = _json_array_spans(path), None
         else:
             raise ValueError(f"{path}: unknown annotation format; expected a .json (array) or .jsonl file")
-        self._file = None
+        self._fd = None
 
     def __len__(self) -> int:
         return len(self._spans)
@@ -181,10 +181,9 @@ class LlavaJsonSource:
             origin = f"{self.path}:line {int(self._line_numbers[index])}"
         else:
             origin = f"{self.path}:record {index}"
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        self._file.seek(start)
-        raw = self._file.read(end - start)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        raw = os.pread(self._fd, end - start, start)  # positional read: safe from several reader threads at once
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -193,7 +192,7 @@ class LlavaJsonSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"] = None  # file handles do not cross process boundaries; reopened lazily
+        state["_fd"] = None  # file descriptors do not cross process boundaries; reopened lazily
         return state
 
     def __repr__(self) -> str:

@@ -10,9 +10,15 @@ from flax import nnx
 # kind -> "module:ConfigClass:ModelClass". Each model file owns its config dataclass with a `from_config`.
 MODEL_KINDS: dict[str, str] = {
     "llm": "leo_jax.models.llm.decoder:LLMConfig:CausalLM",
+    "leo": "leo_jax.models.leo:LeoConfig:Leo",
+    "leo_mini": "leo_jax.models.leo_mini:LeoMiniConfig:LeoMini",
     "convnext": "leo_jax.models.vision.convnext:ConvNextConfig:ConvNext",
+    "pix2struct_vision": "leo_jax.models.vision.pix2struct:Pix2StructVisionConfig:Pix2StructVisionEncoder",
+    "eva02": "leo_jax.models.vision.eva02:EVA02Config:EVA02VisionEncoder",
     "clip_vision": "leo_jax.models.vision.clip:CLIPVisionConfig:CLIPVisionEncoder",
     "siglip_vision": "leo_jax.models.vision.siglip:SiglipVisionConfig:SiglipVisionEncoder",
+    "intern_vit": "leo_jax.models.vision.intern_vit:InternViTConfig:InternViT",
+    "sam_vision": "leo_jax.models.vision.sam:SamVisionConfig:SamVisionEncoder",
 }
 
 

@@ -169,6 +169,25 @@ class CausalLM(nnx.Module):
                  positions: jax.Array | None = None) -> jax.Array:
         return self.forward(self.embed(input_ids), segment_ids=segment_ids, positions=positions).out
 
+    # The interface every trainable top-level model shares (CausalLM, LEO, LEO-MINI): see leo_jax.train.
+    @property
+    def language_model(self) -> "CausalLM":
+        return self
+
+    def embed_inputs(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+                     deterministic: bool = True) -> tuple[jax.Array, RoutingContext | None]:
+        """Input embeddings [B, T, E] for a data batch (text only here; LEO models write visual tokens in) and
+        the MMoE routing context (None for a plain LLM)."""
+        del rng, deterministic
+        return self.embed(batch["input_ids"]), None
+
+    def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+                      deterministic: bool = True) -> "DecoderOutput":
+        """Logits and router statistics for a collated batch (input_ids, segment_ids, positions, ...)."""
+        embeds, routing = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
+        return self.language_model.forward(embeds, segment_ids=batch.get("segment_ids"),
+                                           positions=batch.get("positions"), routing=routing)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))

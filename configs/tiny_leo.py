@@ -1,0 +1,32 @@
+"""Tiny LEO for CPU: InternViT + SAM per tile, two LayerNorm-MLP projectors, interleaved tokens, InternLM2-layout
+LLM; 56 px tiles (SAM enlarges them to 64 px on device), the shipped synthetic tokenizer, ChatML template."""
+
+from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
+
+from configs import common, leo_8b, tiny_llm
+
+TILE = 56
+
+
+def get_config():
+    config = leo_8b.get_config()
+    tokenizer = load_tokenizer(SYNTHETIC_TOKENIZER_PATH)
+    config.model.intern_vit.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=7,
+                                   image_size=TILE, drop_path_rate=0.0, dtype="float32")
+    config.model.sam.update(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=64,
+                            output_channels=32, window_size=4, global_attn_indexes=(1,), dtype="float32")
+    config.model.sam_unshuffle = 2  # 8x8 neck map -> 4x4 = 16 tokens, as InternViT's 8x8 grid after shuffle
+    llm = tiny_llm.get_config("internlm2_7b").model
+    llm.update(vocab_size=576, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+               bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    config.model.llm = common.encoder_fields(llm)[1]
+    config.model.projector = dict(layer_norm=True, act="gelu", dtype="float32")
+    config.model.image_context_id = tokenizer.token_to_id("<IMG_CONTEXT>")
+    common.leo_data(config.data, config.model, tokens_per_tile=32)
+    config.data.leo.max_tiles = 2
+    config.data.leo.max_tiles_per_row = 2
+    config.data.tokenizer = SYNTHETIC_TOKENIZER_PATH
+    config.data.seq_len = 128
+    config.data.global_batch_size = 16
+    config.data.eval_batch_size = 16
+    return config

@@ -1,0 +1,176 @@
+"""CoTR (conditional token reduction, LEO-MINI): each vision expert's N_i tokens -> N^V tokens, steered by the prompt.
+
+For expert i (SPEC 2.2), with Ī_i = I_i W^I_i, Q̄_i = Q_i W^Q_i, T̂ = T W^T (all bias-free, width d_p):
+
+    S_i = Q̄_i Ī_iᵀ + pool(Ī_i) Ī_iᵀ + Σ_{j≠i} pool(Ī_j) Ī_iᵀ + pool(T̂) Ī_iᵀ        [N^V, N_i]
+    A_i = softmax over the N_i (valid) tokens of S_i * scale_i
+    output = concat_i(A_i I_i) along channels                                       [N^V, Σ d_i]
+
+The three pooled rows are broadcast over the N^V query rows. Because (a + b) Ī_iᵀ = a Ī_iᵀ + b Ī_iᵀ, the code adds
+the pooled rows of every expert and of the text to the projected queries once and does one score matmul per
+expert. T holds the prompt embeddings only: the caller's `text_mask` must exclude answer (and padding) tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from leo_jax.config import dataclass_from_config, require
+from leo_jax.layers.attention import MASK_VALUE
+from leo_jax.layers.common import DTYPES, Linear, normal_init, param, to_dtype
+from leo_jax.sharding import constrain
+
+POOLINGS = ("sum", "mean")
+SCALES = ("sqrt_expert_width", "sqrt_proj_width", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoTRConfig:
+    """CoTR over a list of vision experts: expert i gives `expert_tokens[i]` tokens of width `expert_widths[i]`.
+
+    expert_tokens are the (maximum) token counts N_i; inputs must have exactly that many tokens, shorter expert
+    outputs are padded and masked. Open points of SPEC 2.4, each a field whose default is the public
+    reimplementation's reading of the paper:
+    - pooling: how the three bias rows pool tokens: 'sum' (default, "sum_tokens" in the equations) or 'mean'
+      (over the valid tokens; makes the bias independent of token counts and prompt length).
+    - scale: 'sqrt_expert_width' (default) divides scores by sqrt(d_i) as written; 'sqrt_proj_width' by sqrt(d_p)
+      (the usual attention scaling, since scores are d_p-dimensional dot products); 'none' leaves them as is.
+    - expert token grids: not fixed here; they come from each expert's config via expert_tokens.
+    Queries are initialised N(0, initializer_range^2) (not stated in the paper).
+    """
+
+    expert_widths: tuple[int, ...]
+    expert_tokens: tuple[int, ...]
+    text_width: int
+    num_queries: int = 64
+    proj_width: int = 256
+    pooling: str = "sum"
+    scale: str = "sqrt_expert_width"
+    initializer_range: float = 0.02
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        w = "config.cotr"
+        require(len(self.expert_widths) > 0, f"{w}.expert_widths is empty: CoTR needs at least one vision expert")
+        require(len(self.expert_widths) == len(self.expert_tokens),
+                f"{w}: expert_widths has {len(self.expert_widths)} entries but expert_tokens has "
+                f"{len(self.expert_tokens)}; give one width and one token count per expert")
+        for name in ("expert_widths", "expert_tokens"):
+            require(all(v > 0 for v in getattr(self, name)), f"{w}.{name} must be positive, got {getattr(self, name)}")
+        for name in ("text_width", "num_queries", "proj_width"):
+            require(getattr(self, name) > 0, f"{w}.{name} must be positive, got {getattr(self, name)}")
+        require(self.pooling in POOLINGS, f"{w}.pooling={self.pooling!r}: use one of {POOLINGS}")
+        require(self.scale in SCALES, f"{w}.scale={self.scale!r}: use one of {SCALES}")
+        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
+        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.cotr") -> "CoTRConfig":
+        return dataclass_from_config(cls, config, where)
+
+    @property
+    def output_width(self) -> int:
+        """Σ d_i: channels of the concatenated output (the projector's input width)."""
+        return sum(self.expert_widths)
+
+    def score_scale(self, expert: int) -> float:
+        if self.scale == "sqrt_expert_width":
+            return self.expert_widths[expert] ** -0.5
+        if self.scale == "sqrt_proj_width":
+            return self.proj_width ** -0.5
+        return 1.0
+
+    def forward_flops(self, text_len: int) -> float:
+        """Matmul FLOPs per sample with `text_len` prompt tokens (projections, scores, weighted sums)."""
+        dp, nv = self.proj_width, self.num_queries
+        flops = text_len * self.text_width * dp
+        for d, n in zip(self.expert_widths, self.expert_tokens):
+            flops += n * d * dp + nv * d * dp + nv * n * dp + nv * n * d
+        return 2.0 * flops
+
+
+def masked_pool(x: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
+    """[B, N, D] -> [B, D]: sum or mean over the tokens where mask [B, N] is True (0 when none is)."""
+    total = jnp.sum(jnp.where(mask[..., None], x, 0), axis=1)
+    if pooling == "mean":
+        total = total / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1).astype(total.dtype)
+    return total
+
+
+class CoTRExpert(nnx.Module):
+    """One expert's learnable queries Q_i [N^V, d_i] and bias-free projections W^Q_i, W^I_i [d_i, d_p]."""
+
+    def __init__(self, width: int, cfg: CoTRConfig, *, rngs: nnx.Rngs):
+        kw = dict(in_axes=("embed",), out_axes=("mlp",), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
+        self.query = param(rngs, normal_init(cfg.initializer_range), (cfg.num_queries, width), ("queries", "embed"),
+                           cfg.param_dtype)
+        self.query_proj = Linear(width, cfg.proj_width, **kw)
+        self.token_proj = Linear(width, cfg.proj_width, **kw)
+
+
+class CoTR(nnx.Module):
+    """Per-expert features [B, N_i, d_i] + prompt embeddings [B, T, d_text] -> [B, N^V, Σ d_i]."""
+
+    def __init__(self, cfg: CoTRConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.experts = nnx.List([CoTRExpert(width, cfg, rngs=rngs) for width in cfg.expert_widths])
+        self.text_proj = Linear(cfg.text_width, cfg.proj_width, in_axes=("embed",), out_axes=("mlp",),
+                                dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
+
+    def __call__(self, features: Sequence[jax.Array], text: jax.Array, *,
+                 feature_masks: Sequence[jax.Array | None] | None = None,
+                 text_mask: jax.Array | None = None) -> jax.Array:
+        """features[i] [B, N_i, d_i] with feature_masks[i] [B, N_i] (True = real token; all False for a sample
+        without image, whose output is then 0); text [B, T, d_text] with text_mask [B, T] (True = prompt token)."""
+        cfg = self.cfg
+        dtype = to_dtype(cfg.dtype)
+        self._check_inputs(features, text, feature_masks, text_mask)
+        batch = text.shape[0]
+        masks = [jnp.ones((batch, n), bool) if m is None else m.astype(bool)
+                 for n, m in zip(cfg.expert_tokens, feature_masks or [None] * len(features))]
+        text_mask = jnp.ones(text.shape[:2], bool) if text_mask is None else text_mask.astype(bool)
+        features = [jnp.where(m[..., None], f.astype(dtype), 0) for f, m in zip(features, masks)]
+
+        tokens = [expert.token_proj(f) for expert, f in zip(self.experts, features)]  # Ī_i [B, N_i, d_p]
+        bias = masked_pool(self.text_proj(text), text_mask, cfg.pooling)  # pool(T̂) [B, d_p]
+        for t, m in zip(tokens, masks):
+            bias = bias + masked_pool(t, m, cfg.pooling)  # + pool(Ī_i) + Σ_{j≠i} pool(Ī_j)
+
+        outputs = []
+        for i, (expert, f, t, m) in enumerate(zip(self.experts, features, tokens, masks)):
+            rows = expert.query_proj(expert.query[...])[None] + bias[:, None, :]  # [B, N^V, d_p]
+            scores = jnp.einsum("bqp,bnp->bqn", rows, t, preferred_element_type=jnp.float32) * cfg.score_scale(i)
+            scores = jnp.where(m[:, None, :], scores, MASK_VALUE)
+            # Padding gets weight exactly 0 (exp underflows). A sample without image has uniform weights over its
+            # padding, whose features were zeroed above, so its output is 0 (and its gradients finite).
+            weights = jax.nn.softmax(scores, axis=-1)
+            outputs.append(jnp.einsum("bqn,bnd->bqd", weights.astype(dtype), f))
+        return constrain(jnp.concatenate(outputs, axis=-1), ("batch", "length", "act_embed"))
+
+    def _check_inputs(self, features, text, feature_masks, text_mask) -> None:
+        cfg = self.cfg
+        if len(features) != len(cfg.expert_widths):
+            raise ValueError(f"CoTR got features from {len(features)} experts but config.cotr lists "
+                             f"{len(cfg.expert_widths)} (expert_widths={cfg.expert_widths})")
+        if feature_masks is not None and len(feature_masks) != len(features):
+            raise ValueError(f"CoTR got {len(feature_masks)} feature masks for {len(features)} experts")
+        if text.ndim != 3 or text.shape[-1] != cfg.text_width:
+            raise ValueError(f"CoTR text embeddings must be [B, T, {cfg.text_width}] (config.cotr.text_width), "
+                             f"got {text.shape}")
+        if text_mask is not None and text_mask.shape != text.shape[:2]:
+            raise ValueError(f"CoTR text_mask must be {text.shape[:2]}, got {text_mask.shape}")
+        batch = text.shape[0]
+        for i, (f, d, n) in enumerate(zip(features, cfg.expert_widths, cfg.expert_tokens)):
+            if f.shape != (batch, n, d):
+                raise ValueError(f"CoTR expert {i}: features must be [B={batch}, N_i={n}, d_i={d}] "
+                                 f"(config.cotr.expert_tokens / expert_widths), got {f.shape}")
+            if feature_masks is not None and feature_masks[i] is not None and feature_masks[i].shape != (batch, n):
+                raise ValueError(f"CoTR expert {i}: feature mask must be {(batch, n)}, got {feature_masks[i].shape}")

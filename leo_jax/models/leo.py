@@ -1,0 +1,137 @@
+"""LEO (SPEC 2.1): InternViT and SAM on every tile, each with its own projector, tokens interleaved per tile
+(InternViT at even positions), tiles in crop order with the thumbnail last, written into the LLM's embeddings at
+the <IMG_CONTEXT> positions.
+
+Shapes are static: a fixed number K of tile slots per batch row with `tile_mask`, so one compiled step serves every
+batch, text-only ones included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from leo_jax.config import dataclass_from_config, require
+from leo_jax.data.image_processing import get_preprocessor
+from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
+from leo_jax.models.projector import MLPProjector, ProjectorConfig, pixel_unshuffle_internvl, pixel_unshuffle_torch
+from leo_jax.models.vision.intern_vit import InternViT, InternViTConfig
+from leo_jax.models.vision.sam import SamVisionConfig, SamVisionEncoder
+from leo_jax.models.visual_tokens import check_context_tokens, scatter_visual_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class LeoConfig:
+    intern_vit: dict
+    sam: dict
+    llm: dict
+    projector: dict = dataclasses.field(default_factory=dict)  # ProjectorConfig fields but in/out (derived)
+    intern_unshuffle: float = 0.5  # InternVL pixel shuffle ("v2") scale on the InternViT token grid
+    sam_unshuffle: int = 4  # torch pixel_unshuffle factor on SAM's neck map
+    image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
+
+    def __post_init__(self):
+        intern, sam = self.intern_vit_config, self.sam_config
+        n1 = (intern.grid * self.intern_unshuffle) ** 2
+        n2 = (sam.grid // self.sam_unshuffle) ** 2
+        require(n1 == n2, f"config.model: InternViT gives {n1:g} tokens per tile after pixel shuffle but SAM gives "
+                          f"{n2}; the interleaving needs equal counts (check image sizes, patch sizes, unshuffle)")
+        self.llm_config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoConfig":
+        return dataclass_from_config(cls, config, where)
+
+    @property
+    def intern_vit_config(self) -> InternViTConfig:
+        return InternViTConfig.from_config(self.intern_vit, "config.model.intern_vit")
+
+    @property
+    def sam_config(self) -> SamVisionConfig:
+        return SamVisionConfig.from_config(self.sam, "config.model.sam")
+
+    @property
+    def llm_config(self) -> LLMConfig:
+        return LLMConfig.from_config(self.llm, "config.model.llm")
+
+    def projector_config(self, in_features: int) -> ProjectorConfig:
+        fields = {"layer_norm": True, **self.projector, "in_features": in_features,
+                  "out_features": self.llm_config.hidden_size}
+        return ProjectorConfig.from_config(fields, "config.model.projector")
+
+    @property
+    def intern_features(self) -> int:
+        return int(self.intern_vit_config.hidden_size / self.intern_unshuffle ** 2)
+
+    @property
+    def sam_features(self) -> int:
+        return self.sam_config.output_channels * self.sam_unshuffle ** 2
+
+    def tokens_per_tile(self) -> int:
+        return 2 * (self.sam_config.grid // self.sam_unshuffle) ** 2
+
+    def visual_tokens_per_image(self) -> str:
+        return f"{self.tokens_per_tile()} per tile, 1-7 tiles: {self.tokens_per_tile()}..{7 * self.tokens_per_tile()}"
+
+    def forward_flops(self, seq_len: int) -> float:
+        """LLM forward FLOPs at `seq_len` tokens + the projectors on 7 tiles (the encoders are not counted)."""
+        tokens = self.tokens_per_tile() // 2 * 7
+        return (self.llm_config.forward_flops(seq_len) + self.projector_config(self.intern_features).forward_flops(
+            tokens) + self.projector_config(self.sam_features).forward_flops(tokens))
+
+
+class Leo(nnx.Module):
+    def __init__(self, cfg: LeoConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.intern_vit = InternViT(cfg.intern_vit_config, rngs=rngs)
+        self.sam = SamVisionEncoder(cfg.sam_config, rngs=rngs)
+        self.projector_intern = MLPProjector(cfg.projector_config(cfg.intern_features), rngs=rngs)
+        self.projector_sam = MLPProjector(cfg.projector_config(cfg.sam_features), rngs=rngs)
+        self.llm = CausalLM(cfg.llm_config, rngs=rngs)
+
+    @property
+    def language_model(self) -> CausalLM:
+        return self.llm
+
+    def tile_tokens(self, tiles: jax.Array, sam_tiles: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """uint8 tiles [N, t, t, 3] and SAM inputs [N, s, s, 3] -> interleaved tokens [N, 2 * n, d_llm].
+
+        SAM inputs smaller than SAM's image size (e.g. the 448 px tiles themselves) are enlarged on device exactly
+        like the host path (PIL bilinear), which moves ~5x fewer bytes than shipping 1024 px tiles."""
+        cfg = self.cfg
+        intern_pre = get_preprocessor("intern_vit", size=tiles.shape[-2])
+        x = self.intern_vit(intern_pre.device(tiles), rng=rng)[:, 1:]  # drop CLS
+        g = int(round(x.shape[1] ** 0.5))
+        x = pixel_unshuffle_internvl(x.reshape(x.shape[0], g, g, -1), cfg.intern_unshuffle)
+        intern_tokens = self.projector_intern(x.reshape(x.shape[0], -1, x.shape[-1]))
+
+        sam_pre = get_preprocessor("sam", longest_edge=cfg.sam_config.image_size)
+        sam_in = sam_pre.device(sam_tiles) if sam_tiles.shape[-2] == cfg.sam_config.image_size \
+            else sam_pre.device_from_small(sam_tiles)
+        y = pixel_unshuffle_torch(self.sam(sam_in), cfg.sam_unshuffle)
+        sam_tokens = self.projector_sam(y.reshape(y.shape[0], -1, y.shape[-1]))
+        # token-by-token alternation: out[0::2] = InternViT, out[1::2] = SAM
+        return jnp.stack([intern_tokens, sam_tokens], axis=2).reshape(intern_tokens.shape[0], -1,
+                                                                      intern_tokens.shape[-1])
+
+    def embed_inputs(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+                     deterministic: bool = True) -> tuple[jax.Array, None]:
+        ids = batch["input_ids"]
+        tiles, sam_tiles, tile_mask = batch["tiles"], batch["sam_tiles"], batch["tile_mask"]
+        b, k = tile_mask.shape
+        tokens = self.tile_tokens(tiles.reshape(b * k, *tiles.shape[2:]), sam_tiles.reshape(b * k, *sam_tiles.shape[2:]),
+                                  None if deterministic else rng)
+        per_tile = tokens.shape[1]
+        visual = tokens.reshape(b, k * per_tile, tokens.shape[-1])
+        context = ids == self.cfg.image_context_id
+        check_context_tokens(context, jnp.repeat(tile_mask, per_tile, axis=1), "LEO")
+        return scatter_visual_tokens(self.llm.embed(ids), context, visual), None
+
+    def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+                      deterministic: bool = True) -> DecoderOutput:
+        embeds, _ = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
+        return self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"])

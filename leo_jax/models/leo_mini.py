@@ -1,0 +1,235 @@
+"""LEO-MINI (SPEC 2.2): any list of vision experts -> CoTR (64 tokens per image, conditioned on the prompt) ->
+projector -> an LLM whose layers carry MMoE LoRA experts routed by the text and the image.
+
+The expert list is configuration: each entry names an encoder kind (leo_jax.models.registry), its config, and its
+image preprocessor (leo_jax.data.image_processing). Token counts and widths are derived from the encoder configs by
+abstract evaluation, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from leo_jax.config import dataclass_from_config, require
+from leo_jax.data.image_processing import get_preprocessor
+from leo_jax.models.cotr import CoTR, CoTRConfig
+from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
+from leo_jax.models.mmoe import RoutingContext
+from leo_jax.models.projector import MLPProjector, ProjectorConfig
+from leo_jax.models.registry import model_classes
+from leo_jax.models.visual_tokens import check_context_tokens, per_token_context, scatter_visual_tokens
+
+# How each encoder kind's output becomes tokens: a leading CLS token to drop, or a NHWC feature map to resize.
+ENCODER_OUTPUTS = {
+    "clip_vision": dict(cls_token=True, feature_map=False),
+    "eva02": dict(cls_token=True, feature_map=False),
+    "intern_vit": dict(cls_token=True, feature_map=False),
+    "siglip_vision": dict(cls_token=False, feature_map=False),
+    "pix2struct_vision": dict(cls_token=False, feature_map=False),
+    "convnext": dict(cls_token=False, feature_map=True),
+    "sam_vision": dict(cls_token=False, feature_map=True),
+}
+PATCH_INPUT_KINDS = ("pix2struct_vision",)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionExpertConfig:
+    """One vision expert: `kind` (encoder, see ENCODER_OUTPUTS), its `encoder` config fields, its image
+    `processor` ({'kind': ..., options of image_processing.get_preprocessor}); feature maps are resized to
+    `grid` x `grid` tokens (bilinear), e.g. ConvNeXt's late stage to 24 x 24 = 576 tokens."""
+
+    name: str
+    kind: str
+    encoder: dict
+    processor: dict
+    grid: int | None = None
+
+    def __post_init__(self):
+        w = f"config.model.experts[{self.name}]"
+        require(self.kind in ENCODER_OUTPUTS, f"{w}.kind={self.kind!r}: use one of {sorted(ENCODER_OUTPUTS)}")
+        require("kind" in self.processor, f"{w}.processor needs a 'kind' (an image_processing preprocessor)")
+        if ENCODER_OUTPUTS[self.kind]["feature_map"]:
+            require(self.grid is None or self.grid > 0, f"{w}.grid must be positive")
+
+    @property
+    def batch_key(self) -> str:
+        return f"patches_{self.name}" if self.kind in PATCH_INPUT_KINDS else f"pixels_{self.name}"
+
+    def preprocessor(self):
+        options = dict(self.processor)
+        return get_preprocessor(options.pop("kind"), **options)
+
+    def encoder_config(self):
+        config_cls, _ = model_classes(self.kind)
+        return config_cls.from_config(self.encoder, f"config.model.experts[{self.name}].encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeoMiniConfig:
+    experts: tuple[dict, ...]
+    llm: dict
+    cotr: dict  # CoTRConfig fields except expert_widths / expert_tokens / text_width (derived)
+    projector: dict  # ProjectorConfig fields except in_features / out_features (derived)
+    image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
+
+    def __post_init__(self):
+        require(len(self.experts) > 0, "config.model.experts is empty: LEO-MINI needs at least one vision expert")
+        names = [e["name"] for e in self.experts]
+        require(len(set(names)) == len(names), f"config.model.experts: duplicate expert names {names}")
+        self.expert_configs  # validate
+        self.llm_config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoMiniConfig":
+        return dataclass_from_config(cls, config, where)
+
+    @property
+    def expert_configs(self) -> tuple[VisionExpertConfig, ...]:
+        return tuple(dataclass_from_config(VisionExpertConfig, e, f"config.model.experts[{i}]")
+                     for i, e in enumerate(self.experts))
+
+    @property
+    def llm_config(self) -> LLMConfig:
+        return LLMConfig.from_config(self.llm, "config.model.llm")
+
+    @functools.cached_property
+    def expert_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(tokens N_i, width d_i) of every expert, by abstract evaluation of its encoder on its input size."""
+        shapes = []
+        for spec in self.expert_configs:
+            graphdef, state = nnx.split(nnx.eval_shape(
+                lambda s=spec: model_classes(s.kind)[1](s.encoder_config(), rngs=nnx.Rngs(0))))
+            run = lambda state, *inputs, s=spec: expert_tokens(s, nnx.merge(graphdef, state), *inputs)[0]  # noqa
+            out = jax.eval_shape(run, state, *expert_dummy_inputs(spec))
+            shapes.append((out.shape[1], out.shape[2]))
+        return tuple(shapes)
+
+    @property
+    def cotr_config(self) -> CoTRConfig:
+        shapes = self.expert_shapes
+        fields = {**self.cotr, "expert_tokens": tuple(n for n, _ in shapes),
+                  "expert_widths": tuple(d for _, d in shapes), "text_width": self.llm_config.hidden_size}
+        return CoTRConfig.from_config(fields, "config.model.cotr")
+
+    @property
+    def projector_config(self) -> ProjectorConfig:
+        fields = {"layer_norm": False, **self.projector, "in_features": sum(d for _, d in self.expert_shapes),
+                  "out_features": self.llm_config.hidden_size}
+        return ProjectorConfig.from_config(fields, "config.model.projector")
+
+    def visual_tokens_per_image(self) -> int:
+        return int(self.cotr.get("num_queries", CoTRConfig.__dataclass_fields__["num_queries"].default))
+
+    def forward_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per sample with one image and `seq_len` tokens: LLM (incl. its visual tokens) + CoTR +
+        projector; vision encoders are counted where their configs define forward_flops."""
+        flops = self.llm_config.forward_flops(seq_len) + self.cotr_config.forward_flops(seq_len)
+        flops += self.projector_config.forward_flops(self.visual_tokens_per_image())
+        for spec in self.expert_configs:
+            cfg = spec.encoder_config()
+            if hasattr(cfg, "forward_flops"):
+                flops += cfg.forward_flops()
+        return flops
+
+
+def expert_dummy_inputs(spec: VisionExpertConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Shapes of one image's encoder inputs (batch 1) from the expert's preprocessor."""
+    pre = spec.preprocessor()
+    if spec.kind in PATCH_INPUT_KINDS:
+        width = 2 + pre.patch_size * pre.patch_size * 3
+        return (jax.ShapeDtypeStruct((1, pre.max_patches, width), jnp.float32),
+                jax.ShapeDtypeStruct((1, pre.max_patches), jnp.float32))
+    return (jax.ShapeDtypeStruct((1, *pre.output_size, 3), jnp.float32),)
+
+
+def expert_tokens(spec: VisionExpertConfig, encoder: nnx.Module, pixels: jax.Array,
+                  patch_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(tokens [B, N, d], token mask [B, N]) of one expert for normalised inputs."""
+    layout = ENCODER_OUTPUTS[spec.kind]
+    out = encoder(pixels, patch_mask) if spec.kind in PATCH_INPUT_KINDS else encoder(pixels)
+    if layout["feature_map"]:
+        b, h, w, c = out.shape
+        if spec.grid is not None and (h, w) != (spec.grid, spec.grid):
+            out = jax.image.resize(out, (b, spec.grid, spec.grid, c), "bilinear")
+        out = out.reshape(b, -1, c)
+    elif layout["cls_token"]:
+        out = out[:, 1:]
+    mask = jnp.ones(out.shape[:2], bool) if patch_mask is None else patch_mask.astype(bool)
+    return out, mask
+
+
+class LeoMini(nnx.Module):
+    def __init__(self, cfg: LeoMiniConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.specs = cfg.expert_configs
+        self.experts = nnx.Dict({s.name: model_classes(s.kind)[1](s.encoder_config(), rngs=rngs) for s in self.specs})
+        self.cotr = CoTR(cfg.cotr_config, rngs=rngs)
+        self.projector = MLPProjector(cfg.projector_config, rngs=rngs)
+        self.llm = CausalLM(cfg.llm_config, rngs=rngs)
+
+    @property
+    def language_model(self) -> CausalLM:
+        return self.llm
+
+    def visual_tokens(self, batch: Mapping[str, jax.Array], text: jax.Array, text_mask: jax.Array) -> jax.Array:
+        """Per image: experts -> CoTR (conditioned on the pooled prompt of its sample) -> projector.
+        Returns [B, M, N^V, d_llm]; `text` [B, M, 1, d] pooled prompts with `text_mask` [B, M, 1]."""
+        features, masks = [], []
+        b, m = batch["image_mask"].shape
+        for spec in self.specs:
+            pre = spec.preprocessor()
+            x = batch[spec.batch_key]
+            x = x.reshape(b * m, *x.shape[2:])
+            if spec.kind in PATCH_INPUT_KINDS:
+                patch_mask = batch[f"patch_mask_{spec.name}"].reshape(b * m, -1)
+                tokens, mask = expert_tokens(spec, self.experts[spec.name], pre.device(x), patch_mask)
+            else:
+                tokens, mask = expert_tokens(spec, self.experts[spec.name], pre.device(x))
+            features.append(tokens)
+            masks.append(mask & batch["image_mask"].reshape(b * m, 1))
+        reduced = self.cotr(features, text.reshape(b * m, 1, -1), feature_masks=masks,
+                            text_mask=text_mask.reshape(b * m, 1))
+        return self.projector(reduced).reshape(b, m, reduced.shape[1], -1)
+
+    def embed_inputs(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+                     deterministic: bool = True) -> tuple[jax.Array, RoutingContext]:
+        """Text embeddings with the visual tokens written at the <IMG_CONTEXT> positions, and the MMoE routing
+        context (mean visual token and mean prompt embedding of each token's own sample)."""
+        del rng, deterministic  # the experts run deterministically (frozen in stages 1 and 3)
+        cfg = self.cfg
+        ids = batch["input_ids"]
+        segments = batch["segment_ids"]
+        text_embeds = self.llm.embed(ids)
+        image_mask = batch["image_mask"]
+        image_segments = batch.get("image_segment_ids", jnp.where(image_mask, 1, 0).astype(jnp.int32))
+        prompt = batch["prompt_mask"].astype(bool) & (ids != cfg.image_context_id)
+        # the pooled prompt (sum or mean, as CoTR pools) of the sample owning each image
+        owner = (prompt[:, None, :] & (segments[:, None, :] == image_segments[:, :, None])).astype(jnp.float32)
+        text = jnp.einsum("bmt,btd->bmd", owner, text_embeds.astype(jnp.float32))
+        if self.cotr.cfg.pooling == "mean":
+            text = text / jnp.maximum(jnp.sum(owner, axis=-1, keepdims=True), 1.0)
+        text = text[:, :, None, :]
+        visual = self.visual_tokens(batch, text, jnp.any(owner > 0, axis=-1, keepdims=True))
+        tokens_per_image = visual.shape[2]
+        visual_mask = jnp.repeat(image_mask, tokens_per_image, axis=1)
+        visual = visual.reshape(visual.shape[0], -1, visual.shape[-1])
+        context = ids == cfg.image_context_id
+        check_context_tokens(context, visual_mask, "LEO-MINI")
+        embeds = scatter_visual_tokens(text_embeds, context, visual)
+        routing = RoutingContext(
+            visual=per_token_context(visual, jnp.repeat(image_segments, tokens_per_image, axis=1) * visual_mask,
+                                     segments),
+            prompt=per_token_context(text_embeds, jnp.where(prompt, segments, 0), segments))
+        return embeds, routing
+
+    def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
+                      deterministic: bool = True) -> DecoderOutput:
+        embeds, routing = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
+        return self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                routing=routing)

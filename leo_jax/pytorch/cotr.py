@@ -1,0 +1,115 @@
+"""PyTorch reference of LEO / LEO-MINI's vision-to-LLM glue: pixel (un)shuffle, MLP projectors and CoTR.
+
+Written straight from the equations of SPEC 2.2 (loops over experts, each score term computed on its own,
+explicit masks), independently of leo_jax/models/cotr.py, so the two check each other. Depends on torch only.
+Parameter names match leo_jax: `experts.{i}.query`, `experts.{i}.query_proj.weight`, `experts.{i}.token_proj.weight`,
+`text_proj.weight` (Linear weights = leo_jax kernels transposed); projectors keep InternVL's / LLaVA's
+`nn.Sequential` indices (see leo_jax.models.projector.torch_projector_names).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pixel_shuffle_internvl(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+    """InternVL's `InternVLChatModel.pixel_shuffle` with ps_version 'v2', as in its code: [N, W, H, C] token grid
+    -> [N, W*s, H*s, C/s^2]."""
+    n, w, h, c = x.size()
+    # N, W, H, C --> N, W, H * scale, C // scale
+    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    # N, W, H * scale, C // scale --> N, H * scale, W, C // scale
+    x = x.permute(0, 2, 1, 3).contiguous()
+    # N, H * scale, W, C // scale --> N, H * scale, W * scale, C // (scale ** 2)
+    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    return x.permute(0, 2, 1, 3).contiguous()  # 'v2': swap height and width back
+
+
+def pixel_unshuffle_tokens(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """LEO's SAM branch: NCHW map [B, C, H, W] -> pixel_unshuffle -> row-major tokens [B, H*W/r^2, C*r*r]."""
+    return F.pixel_unshuffle(x, factor).flatten(2).transpose(1, 2)
+
+
+class LeoProjector(nn.Sequential):
+    """LEO / InternVL `mlp1`: LayerNorm(in) -> Linear(in, out) -> GELU -> Linear(out, out) (indices 0, 1, 3)."""
+
+    def __init__(self, in_features: int, out_features: int, eps: float = 1e-5):
+        super().__init__(nn.LayerNorm(in_features, eps=eps), nn.Linear(in_features, out_features), nn.GELU(),
+                         nn.Linear(out_features, out_features))
+
+
+class MiniProjector(nn.Sequential):
+    """LEO-MINI / LLaVA `mlp2x_gelu`: Linear(in, out) -> GELU -> Linear(out, out) (indices 0, 2)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features))
+
+
+class CoTRExpert(nn.Module):
+    """Learnable queries Q_i [N^V, d_i]; bias-free W^Q_i (`query_proj`) and W^I_i (`token_proj`), d_i -> d_p."""
+
+    def __init__(self, width: int, num_queries: int, proj_width: int, init_std: float = 0.02):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(num_queries, width) * init_std)
+        self.query_proj = nn.Linear(width, proj_width, bias=False)
+        self.token_proj = nn.Linear(width, proj_width, bias=False)
+
+
+class CoTR(nn.Module):
+    """Conditional token reduction over a list of experts (SPEC 2.2); see leo_jax.models.cotr.CoTRConfig for the
+    meaning of `pooling` ('sum' | 'mean') and `scale` ('sqrt_expert_width' | 'sqrt_proj_width' | 'none')."""
+
+    def __init__(self, expert_widths: Sequence[int], text_width: int, num_queries: int = 64, proj_width: int = 256,
+                 pooling: str = "sum", scale: str = "sqrt_expert_width", init_std: float = 0.02):
+        super().__init__()
+        if pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling={pooling!r}: use 'sum' or 'mean'")
+        if scale not in ("sqrt_expert_width", "sqrt_proj_width", "none"):
+            raise ValueError(f"scale={scale!r}: use 'sqrt_expert_width', 'sqrt_proj_width' or 'none'")
+        self.pooling, self.scale, self.proj_width = pooling, scale, proj_width
+        self.experts = nn.ModuleList(CoTRExpert(d, num_queries, proj_width, init_std) for d in expert_widths)
+        self.text_proj = nn.Linear(text_width, proj_width, bias=False)
+
+    def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, D] over the tokens where mask [B, N] is True."""
+        m = mask.to(x.dtype).unsqueeze(-1)
+        total = (x * m).sum(dim=1)
+        if self.pooling == "mean":
+            total = total / m.sum(dim=1).clamp(min=1.0)
+        return total
+
+    def forward(self, features: Sequence[torch.Tensor], text: torch.Tensor,
+                feature_masks: Sequence[torch.Tensor] | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """features[i] [B, N_i, d_i], text [B, T, d_text] (prompt embeddings) -> [B, N^V, Σ d_i]."""
+        if feature_masks is None:
+            feature_masks = [torch.ones(f.shape[:2], dtype=torch.bool) for f in features]
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool)
+        projected = [e.token_proj(f) for e, f in zip(self.experts, features)]  # Ī_j [B, N_j, d_p]
+        pooled = [self.pool(p, m) for p, m in zip(projected, feature_masks)]  # pool(Ī_j) [B, d_p]
+        pooled_text = self.pool(self.text_proj(text), text_mask)  # pool(T̂) [B, d_p]
+
+        outputs = []
+        for i, expert in enumerate(self.experts):
+            image_i, tokens_i, mask_i = features[i], projected[i], feature_masks[i]
+            queries = expert.query_proj(expert.query)  # Q̄_i [N^V, d_p]
+            others = sum((pooled[j] for j in range(len(self.experts)) if j != i), torch.zeros_like(pooled[i]))
+            scores = torch.einsum("qp,bnp->bqn", queries, tokens_i)  # Q̄_i Ī_iᵀ
+            scores = scores + torch.einsum("bp,bnp->bn", pooled[i], tokens_i).unsqueeze(1)  # pool(Ī_i) Ī_iᵀ
+            scores = scores + torch.einsum("bp,bnp->bn", others, tokens_i).unsqueeze(1)  # Σ_{j≠i} pool(Ī_j) Ī_iᵀ
+            scores = scores + torch.einsum("bp,bnp->bn", pooled_text, tokens_i).unsqueeze(1)  # pool(T̂) Ī_iᵀ
+            if self.scale == "sqrt_expert_width":
+                scores = scores / math.sqrt(image_i.shape[-1])
+            elif self.scale == "sqrt_proj_width":
+                scores = scores / math.sqrt(self.proj_width)
+            valid = mask_i.unsqueeze(1)  # [B, 1, N_i]
+            scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=-1) * valid  # a sample without image gets all-zero weights
+            outputs.append(weights @ image_i.masked_fill(~mask_i.unsqueeze(-1), 0.0))
+        return torch.cat(outputs, dim=-1)

@@ -1,0 +1,210 @@
+"""CoTR against the PyTorch reference of the SPEC 2.2 equations; padding, prompt-only conditioning, gradients."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from leo_jax.models.cotr import CoTR, CoTRConfig
+from leo_jax.pytorch import CoTR as TorchCoTR
+from tests.sharding_utils import assert_sharded_matches
+
+TEXT_WIDTH = 12
+THREE_EXPERTS = ((6, 10, 4), (9, 5, 7))  # widths d_i, token counts N_i
+TWO_EXPERTS = ((8, 5), (6, 11))
+
+
+def _config(experts, pooling="sum", scale="sqrt_expert_width") -> CoTRConfig:
+    widths, tokens = experts
+    return CoTRConfig(expert_widths=widths, expert_tokens=tokens, text_width=TEXT_WIDTH, num_queries=4, proj_width=8,
+                      pooling=pooling, scale=scale, dtype="float32")
+
+
+def _model(cfg: CoTRConfig, seed: int = 0) -> CoTR:
+    """CoTR with weights of std 0.3 (instead of 0.02), so the attention weights are far from uniform."""
+    module = CoTR(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 100)
+    for _, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        variable.set_value(jnp.asarray(0.3 * rng.normal(size=variable.shape), jnp.float32))
+    return module
+
+
+def _inputs(cfg: CoTRConfig, text_len: int = 6, seed: int = 0):
+    """A batch of 4: sample 0 fully valid, 1 and 2 with padded visual tokens and answer tokens masked out of the
+    prompt, 3 without image (all visual masks False)."""
+    rng = np.random.default_rng(seed)
+    batch = 4
+    features = [rng.normal(size=(batch, n, d)).astype(np.float32) for d, n in zip(cfg.expert_widths,
+                                                                                   cfg.expert_tokens)]
+    masks = []
+    for n in cfg.expert_tokens:
+        valid = np.array([n, max(1, n - 2), max(1, n // 2), 0])
+        masks.append(np.arange(n)[None, :] < valid[:, None])
+    text = rng.normal(size=(batch, text_len, TEXT_WIDTH)).astype(np.float32)
+    prompt_len = np.array([text_len, text_len - 2, 3, 4])
+    text_mask = np.arange(text_len)[None, :] < prompt_len[:, None]
+    return features, masks, text, text_mask
+
+
+def _run(module, features, masks, text, text_mask) -> np.ndarray:
+    return np.asarray(module([jnp.asarray(f) for f in features], jnp.asarray(text),
+                             feature_masks=[jnp.asarray(m) for m in masks], text_mask=jnp.asarray(text_mask)))
+
+
+def _torch_reference(module: CoTR) -> TorchCoTR:
+    cfg = module.cfg
+    reference = TorchCoTR(cfg.expert_widths, cfg.text_width, cfg.num_queries, cfg.proj_width, cfg.pooling, cfg.scale)
+    state = {}
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        name, value = ".".join(map(str, path)), np.array(variable.get_value())
+        if path[-1] == "kernel":  # Linear: torch weight = kernel transposed
+            name, value = name.removesuffix("kernel") + "weight", value.T.copy()
+        state[name] = torch.from_numpy(value)
+    reference.load_state_dict(state, strict=True)
+    return reference
+
+
+@pytest.mark.parametrize("experts, pooling, scale", [
+    (THREE_EXPERTS, "sum", "sqrt_expert_width"),
+    (THREE_EXPERTS, "mean", "sqrt_expert_width"),
+    (TWO_EXPERTS, "sum", "sqrt_expert_width"),
+    (TWO_EXPERTS, "mean", "sqrt_expert_width"),
+    (THREE_EXPERTS, "sum", "sqrt_proj_width"),
+])
+def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale):
+    cfg = _config(experts, pooling, scale)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    ours = _run(module, features, masks, text, text_mask)
+    with torch.no_grad():
+        theirs = _torch_reference(module)([torch.from_numpy(f) for f in features], torch.from_numpy(text),
+                                          [torch.from_numpy(m) for m in masks], torch.from_numpy(text_mask)).numpy()
+    diff = float(np.max(np.abs(ours.astype(np.float64) - theirs)))
+    print(f"CoTR {len(cfg.expert_widths)} experts pooling={pooling} scale={scale}: max abs diff vs torch {diff:.2e}")
+    assert ours.shape == (4, cfg.num_queries, sum(cfg.expert_widths))
+    assert diff <= 1e-5
+    assert np.all(ours[3] == 0), "a sample without image must give zeros"
+    assert np.abs(ours[:3]).max() > 0.1
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_padding_does_not_change_the_result(pooling):
+    """The same weights on inputs with extra padded visual tokens (experts 0 and 2) and text tokens, all with random
+    values and mask False, give the same output."""
+    cfg = _config(THREE_EXPERTS, pooling)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    extra = (3, 0, 4)
+    padded_cfg = _config((cfg.expert_widths, tuple(n + e for n, e in zip(cfg.expert_tokens, extra))), pooling)
+    padded = CoTR(padded_cfg, rngs=nnx.Rngs(1))
+    nnx.update(padded, nnx.state(module))  # parameters do not depend on the token counts
+    rng = np.random.default_rng(7)
+    padded_features = [np.concatenate([f, 5 * rng.normal(size=(f.shape[0], e, f.shape[2]))], 1).astype(np.float32)
+                       for f, e in zip(features, extra)]
+    padded_masks = [np.concatenate([m, np.zeros((m.shape[0], e), bool)], 1) for m, e in zip(masks, extra)]
+    padded_text = np.concatenate([text, 5 * rng.normal(size=(text.shape[0], 3, TEXT_WIDTH))], 1).astype(np.float32)
+    padded_text_mask = np.concatenate([text_mask, np.zeros((text.shape[0], 3), bool)], 1)
+
+    reference = _run(module, features, masks, text, text_mask)
+    out = _run(padded, padded_features, padded_masks, padded_text, padded_text_mask)
+    diff = float(np.max(np.abs(out - reference)))
+    print(f"CoTR pooling={pooling}: max abs diff with padding {diff:.2e}")
+    assert diff <= 1e-6
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_output_depends_on_prompt_tokens_only(pooling):
+    cfg = _config(THREE_EXPERTS, pooling)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    reference = _run(module, features, masks, text, text_mask)
+
+    answer_changed = text.copy()
+    answer_changed[~text_mask] += 10.0  # tokens outside the prompt mask (answer / padding)
+    np.testing.assert_array_equal(_run(module, features, masks, answer_changed, text_mask), reference)
+
+    prompt_changed = text.copy()
+    prompt_changed[1, 0] += 1.0  # one prompt token of sample 1
+    out = _run(module, features, masks, prompt_changed, text_mask)
+    assert np.abs(out[1] - reference[1]).max() > 1e-3, "CoTR ignores the prompt"
+    np.testing.assert_array_equal(np.delete(out, 1, 0), np.delete(reference, 1, 0))  # other samples untouched
+
+
+def test_jit_and_grad_reach_queries_and_every_projection():
+    cfg = _config(THREE_EXPERTS)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    target = jnp.asarray(np.random.default_rng(3).normal(size=(4, cfg.num_queries, sum(cfg.expert_widths))),
+                         jnp.float32)
+
+    @nnx.jit
+    def loss_and_grads(model, features, masks, text, text_mask):
+        def loss_fn(m):
+            out = m(features, text, feature_masks=masks, text_mask=text_mask)
+            return jnp.mean((out - target) ** 2)
+        return nnx.value_and_grad(loss_fn)(model)
+
+    loss, grads = loss_and_grads(module, [jnp.asarray(f) for f in features], [jnp.asarray(m) for m in masks],
+                                 jnp.asarray(text), jnp.asarray(text_mask))
+    assert np.isfinite(float(loss))
+    flat = {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
+    assert set(flat) == {"text_proj.kernel"} | {f"experts.{i}.{name}" for i in range(3)
+                                                for name in ("query", "query_proj.kernel", "token_proj.kernel")}
+    for path, grad in flat.items():
+        assert np.all(np.isfinite(grad)), path
+        assert np.abs(grad).max() > 1e-6, f"no gradient reaches {path}"
+
+
+def test_sharded_forward_matches_single_device():
+    cfg = _config(THREE_EXPERTS)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    features, masks = [np.concatenate([f, f]) for f in features], [np.concatenate([m, m]) for m in masks]
+    text, text_mask = np.concatenate([text, text]), np.concatenate([text_mask, text_mask])  # batch 8
+
+    def forward(m, f0, f1, f2, m0, m1, m2, t, tm):
+        return m([f0, f1, f2], t, feature_masks=[m0, m1, m2], text_mask=tm)
+
+    worst = assert_sharded_matches(module, forward, (*features, *masks, text, text_mask), atol=1e-5)
+    print(f"CoTR sharded vs single device max abs diff {worst:.2e}")
+
+
+def test_params_carry_logical_axes():
+    module = CoTR(_config(TWO_EXPERTS), rngs=nnx.Rngs(0))
+    axes = {path: v.get_metadata()["axes"] for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    assert axes[("experts", 1, "query")] == ("queries", "embed")
+    assert axes[("experts", 0, "token_proj", "kernel")] == ("embed", "mlp")
+    assert axes[("text_proj", "kernel")] == ("embed", "mlp")
+    assert module.experts[1].query.shape == (4, 5)
+
+
+def test_bad_inputs_and_config_are_clear_errors():
+    cfg = _config(TWO_EXPERTS)
+    module = CoTR(cfg, rngs=nnx.Rngs(0))
+    features, masks, text, text_mask = _inputs(cfg)
+    with pytest.raises(ValueError, match="features from 1 experts but config.cotr lists 2"):
+        module([jnp.asarray(features[0])], jnp.asarray(text))
+    with pytest.raises(ValueError, match=r"expert 1: features must be \[B=4, N_i=11, d_i=5\].*got \(4, 11, 6\)"):
+        module([jnp.asarray(features[0]), jnp.zeros((4, 11, 6))], jnp.asarray(text))
+    with pytest.raises(ValueError, match=r"text embeddings must be \[B, T, 12\]"):
+        module([jnp.asarray(f) for f in features], jnp.zeros((4, 6, 5)))
+    with pytest.raises(ValueError, match="expert_widths has 2 entries but expert_tokens has 1"):
+        CoTRConfig(expert_widths=(8, 5), expert_tokens=(6,), text_width=12)
+    with pytest.raises(ValueError, match="config.cotr.pooling='max'"):
+        CoTRConfig.from_config({"expert_widths": (8,), "expert_tokens": (6,), "text_width": 12, "pooling": "max"})
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    cfg = _config(THREE_EXPERTS)
+    module = _model(cfg)
+    bf16 = CoTR(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(1))
+    nnx.update(bf16, nnx.state(module))
+    inputs = _inputs(cfg)
+    reference, out = _run(module, *inputs), _run(bf16, *inputs)
+    assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(out.astype(np.float32)))
+    rel = np.abs(out.astype(np.float32) - reference).max() / np.abs(reference).max()
+    print(f"CoTR bfloat16 vs float32: max abs diff / max abs value {rel:.2e}")
+    assert rel < 5e-2
