@@ -5,28 +5,14 @@ backbone of `ConvNextForImageClassification` ones (the published facebook/convne
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Callable
 
-from leo_jax.convert.core import ConversionError, Family, Rule, conv, copy, linear, register
+from leo_jax.convert.core import ConversionError, Family, Rule, conv, copy, linear, register, \
+    transformers_config_writer
 from leo_jax.convert.vit import single_int
 from leo_jax.models.vision.convnext import ConvNext, ConvNextConfig
 
 _ARCH_FIELDS = ("hidden_sizes", "depths", "num_channels", "patch_size", "hidden_act", "layer_scale_init_value",
                 "layer_norm_eps", "drop_path_rate", "initializer_range", "image_size")
-
-
-def transformers_config_writer(config_class: str, derived: tuple[str, ...] = ()) -> Callable[[dict, Path], None]:
-    """A `Family.write_config` that writes config.json through transformers' own config class, exactly as
-    `save_pretrained` does; `derived` fields are recomputed by that class, so stale copies are dropped."""
-
-    def write(hf: dict, out_dir: Path) -> None:
-        import transformers
-
-        kwargs = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version") + derived}
-        getattr(transformers, config_class)(**kwargs).save_pretrained(out_dir)
-
-    return write
 
 
 def config_from_hf(hf: dict) -> ConvNextConfig:

@@ -174,6 +174,19 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def transformers_config_writer(config_class: str, derived: tuple[str, ...] = ()) -> Callable[[dict, Path], None]:
+    """A `Family.write_config` that writes config.json through transformers' own config class, exactly as
+    `save_pretrained` does; `derived` fields are recomputed by that class, so stale copies are dropped."""
+
+    def write(hf: dict, out_dir: Path) -> None:
+        import transformers
+
+        kwargs = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version") + derived}
+        getattr(transformers, config_class)(**kwargs).save_pretrained(out_dir)
+
+    return write
+
+
 class HFCheckpoint:
     """A Hugging Face directory (config.json + model.safetensors or sharded with an index), read lazily."""
 

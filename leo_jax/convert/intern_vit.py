@@ -10,7 +10,7 @@ LayerNorm when use_mean_pooling=False; the mask token; dropout) are clear errors
 
 from __future__ import annotations
 
-from leo_jax.convert.convnext import transformers_config_writer
+from leo_jax.convert.core import transformers_config_writer
 from leo_jax.convert.core import Family, Rule, conv, copy, register
 from leo_jax.convert.vit import activation_from_hf, activation_to_hf, fused_qkv, require_fields, require_values, \
     single_int, vit_block_rules

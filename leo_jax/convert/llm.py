@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
-from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register, write_json
+from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register, transformers_config_writer
 from leo_jax.models.llm.decoder import CausalLM, LLMConfig
 
 # HF config fields that the leo_jax config does not model but that must keep their defaults.
@@ -86,17 +85,6 @@ def _llm_config_to_hf(cfg: LLMConfig, original: dict) -> dict:
         if cfg.family == "llama":
             hf["attention_bias"] = cfg.qkv_bias
     return hf
-
-
-def _write_transformers_config(hf: dict, out_dir: Path) -> None:
-    """config.json exactly as transformers' save_pretrained writes it (InternLM2: plain JSON, not in transformers)."""
-    if hf.get("model_type") in ("llama", "qwen2"):
-        from transformers import AutoConfig
-
-        kwargs = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version")}
-        AutoConfig.for_model(hf["model_type"], **kwargs).save_pretrained(out_dir)
-        return
-    write_json(out_dir / "config.json", hf)
 
 
 def _common_rules(cfg: LLMConfig, names: dict[str, str]) -> list[Rule]:
@@ -179,15 +167,14 @@ def internlm2_rules(cfg: LLMConfig) -> list[Rule]:
     return rules
 
 
-def _family(name: str, model_types: tuple[str, ...], rules) -> Family:
+def _family(name: str, model_types: tuple[str, ...], rules, **kwargs) -> Family:
     return register(Family(
         name=name, model_types=model_types, config_cls=LLMConfig,
         config_from_hf=lambda hf: _llm_config_from_hf(hf, name),
-        config_to_hf=_llm_config_to_hf, build=CausalLM, rules=rules,
-        ignored_hf=("rotary_emb.inv_freq",), write_config=_write_transformers_config))
+        config_to_hf=_llm_config_to_hf, build=CausalLM, rules=rules, ignored_hf=("rotary_emb.inv_freq",), **kwargs))
 
 
-LLAMA = _family("llama", ("llama",), llama_rules)
-QWEN2 = _family("qwen2", ("qwen2",), llama_rules)
-INTERNLM2 = _family("internlm2", ("internlm2",), internlm2_rules)
+LLAMA = _family("llama", ("llama",), llama_rules, write_config=transformers_config_writer("LlamaConfig"))
+QWEN2 = _family("qwen2", ("qwen2",), llama_rules, write_config=transformers_config_writer("Qwen2Config"))
+INTERNLM2 = _family("internlm2", ("internlm2",), internlm2_rules)  # not in transformers: plain config.json
 

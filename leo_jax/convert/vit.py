@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register
+from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register, transformers_config_writer
 
 # transformers' ACT2FN names -> leo_jax.layers.mlp.ACTIVATIONS names (first entry per target = export name).
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -128,7 +128,6 @@ def tower_family(base: Family, name: str, model_type: str, prefix: str, config_c
     def rules(cfg) -> list[Rule]:
         return [dataclasses.replace(r, hf=tuple(prefix + n for n in r.hf)) for r in base.rules(cfg)]
 
-    from leo_jax.convert.convnext import transformers_config_writer  # convnext imports this module
 
     return register(dataclasses.replace(
         base, name=name, model_types=(model_type,), config_from_hf=config_from_hf, config_to_hf=config_to_hf,

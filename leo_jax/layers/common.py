@@ -149,6 +149,16 @@ def check_remat_policy(name: str, where: str = "remat_policy") -> None:
         raise ValueError(f"{where}={name!r} is not a remat policy; choose one of {sorted(REMAT_POLICIES)}")
 
 
+def check_numerics(cfg: Any, where: str) -> None:
+    """Validates a model config's `dtype`, `param_dtype` and (when it has one) `remat_policy` fields."""
+    for field in ("dtype", "param_dtype"):
+        value = getattr(cfg, field)
+        if value not in DTYPES:
+            raise ValueError(f"{where}.{field}={value!r}: use one of {sorted(DTYPES)}")
+    if hasattr(cfg, "remat_policy"):
+        check_remat_policy(cfg.remat_policy, f"{where}.remat_policy")
+
+
 def maybe_remat(fn: Callable, policy: str) -> Callable:
     """Wraps a scan body in jax.checkpoint with the named policy ('none' leaves it alone)."""
     check_remat_policy(policy)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import MASK_VALUE
-from leo_jax.layers.common import DTYPES, Linear, normal_init, param, to_dtype
+from leo_jax.layers.common import Linear, check_numerics, normal_init, param, to_dtype
 from leo_jax.sharding import constrain
 
 POOLINGS = ("sum", "mean")
@@ -67,8 +67,7 @@ class CoTRConfig:
             require(getattr(self, name) > 0, f"{w}.{name} must be positive, got {getattr(self, name)}")
         require(self.pooling in POOLINGS, f"{w}.pooling={self.pooling!r}: use one of {POOLINGS}")
         require(self.scale in SCALES, f"{w}.scale={self.scale!r}: use one of {SCALES}")
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
+        check_numerics(self, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.cotr") -> "CoTRConfig":

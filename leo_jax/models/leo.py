@@ -77,11 +77,14 @@ class LeoConfig:
     def visual_tokens_per_image(self) -> str:
         return f"{self.tokens_per_tile()} per tile, 1-7 tiles: {self.tokens_per_tile()}..{7 * self.tokens_per_tile()}"
 
-    def forward_flops(self, seq_len: int) -> float:
-        """LLM forward FLOPs at `seq_len` tokens + the projectors on 7 tiles (the encoders are not counted)."""
-        tokens = self.tokens_per_tile() // 2 * 7
-        return (self.llm_config.forward_flops(seq_len) + self.projector_config(self.intern_features).forward_flops(
-            tokens) + self.projector_config(self.sam_features).forward_flops(tokens))
+    def forward_flops(self, seq_len: int, tiles: int = 7) -> float:
+        """Forward FLOPs per sample: the LLM at `seq_len` tokens, plus both encoders and projectors on `tiles`
+        tiles (the full 6 + thumbnail by default)."""
+        per_encoder = self.tokens_per_tile() // 2
+        per_tile = (self.intern_vit_config.forward_flops() + self.sam_config.forward_flops()
+                    + self.projector_config(self.intern_features).forward_flops(per_encoder)
+                    + self.projector_config(self.sam_features).forward_flops(per_encoder))
+        return self.llm_config.forward_flops(seq_len) + tiles * per_tile
 
 
 class Leo(nnx.Module):

@@ -128,14 +128,10 @@ class LeoMiniConfig:
 
     def forward_flops(self, seq_len: int) -> float:
         """Forward FLOPs per sample with one image and `seq_len` tokens: LLM (incl. its visual tokens) + CoTR +
-        projector; vision encoders are counted where their configs define forward_flops."""
+        projector + every vision expert at its configured image size."""
         flops = self.llm_config.forward_flops(seq_len) + self.cotr_config.forward_flops(seq_len)
         flops += self.projector_config.forward_flops(self.visual_tokens_per_image())
-        for spec in self.expert_configs:
-            cfg = spec.encoder_config()
-            if hasattr(cfg, "forward_flops"):
-                flops += cfg.forward_flops()
-        return flops
+        return flops + sum(spec.encoder_config().forward_flops() for spec in self.expert_configs)
 
 
 def expert_dummy_inputs(spec: VisionExpertConfig) -> tuple[jax.ShapeDtypeStruct, ...]:

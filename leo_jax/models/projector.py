@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.common import DTYPES, LayerNorm
+from leo_jax.layers.common import LayerNorm, check_numerics
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 
 
@@ -73,8 +73,7 @@ class ProjectorConfig:
         require(self.in_features > 0 and self.out_features > 0,
                 f"{w}: in_features and out_features must be positive, got {self.in_features}, {self.out_features}")
         require(self.act in ACTIVATIONS, f"{w}.act={self.act!r}: use one of {sorted(ACTIVATIONS)}")
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
+        check_numerics(self, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.projector") -> "ProjectorConfig":

@@ -16,8 +16,7 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import Attention, KVCache
-from leo_jax.layers.common import DTYPES, Embed, Linear, RMSNorm, check_remat_policy, scan_layers, stack_layers, \
-    to_dtype
+from leo_jax.layers.common import Embed, Linear, RMSNorm, check_numerics, scan_layers, stack_layers, to_dtype
 from leo_jax.layers.mlp import SwiGLU
 from leo_jax.layers.rope import check_rope_scaling, inverse_frequencies, rope_tables
 from leo_jax.models.mmoe import MMoE, MMoEConfig, RoutingContext
@@ -64,9 +63,7 @@ class LLMConfig:
         require(self.head_dim is not None or self.hidden_size % self.num_heads == 0,
                 f"{w}.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
         require(self.resolved_head_dim % 2 == 0, f"{w}.head_dim must be even for RoPE")
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
-        check_remat_policy(self.remat_policy, f"{w}.remat_policy")
+        check_numerics(self, w)
         check_rope_scaling(self.rope_scaling, f"{w}.rope_scaling")
         self.mmoe_config  # validates the MMoE section
 

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.common import DTYPES, LayerNorm, Linear, check_remat_policy, normal_init, param, scan_layers, \
-    stack_layers, to_dtype, zeros_init
+from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
+    to_dtype, zeros_init
 from leo_jax.layers.mlp import activation
 from leo_jax.models.vision.vit import drop_path
 from leo_jax.sharding import constrain
@@ -56,9 +56,7 @@ class ConvNextConfig:
                 f"{w}.output_stage={self.output_stage} is out of range for {len(self.depths)} stages")
         require(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         activation(self.hidden_act)
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
-        check_remat_policy(self.remat_policy, f"{w}.remat_policy")
+        check_numerics(self, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "ConvNextConfig":

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import dot_product_attention
-from leo_jax.layers.common import DTYPES, LayerNorm, Linear, check_remat_policy, normal_init, param, stack_layers
+from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, stack_layers
 from leo_jax.models.vision.vit import TOKEN_AXES, PatchEmbed, drop_path, layers_to_run, run_blocks
 from leo_jax.sharding import constrain
 
@@ -67,9 +67,7 @@ class EVA02Config:
                 f"{w}.rope_ref_grid={self.rope_ref_grid} must be positive")
         require(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
-        check_remat_policy(self.remat_policy, f"{w}.remat_policy")
+        check_numerics(self, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "EVA02Config":

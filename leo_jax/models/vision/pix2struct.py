@@ -18,8 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import Attention, dot_product_attention
-from leo_jax.layers.common import DTYPES, Linear, RMSNorm, check_remat_policy, normal_init, param, scan_layers, \
-    stack_layers
+from leo_jax.layers.common import Linear, RMSNorm, check_numerics, normal_init, param, scan_layers, stack_layers
 from leo_jax.layers.mlp import activation
 from leo_jax.models.vision.vit import TOKEN_AXES, layers_to_run, slice_stack
 from leo_jax.sharding import constrain
@@ -52,9 +51,7 @@ class Pix2StructVisionConfig:
             require(getattr(self, name) > 0, f"{w}.{name} must be positive, got {getattr(self, name)}")
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
         activation(self.hidden_act)
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
-        check_remat_policy(self.remat_policy, f"{w}.remat_policy")
+        check_numerics(self, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "Pix2StructVisionConfig":

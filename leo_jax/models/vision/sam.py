@@ -21,8 +21,8 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import dot_product_attention
-from leo_jax.layers.common import DTYPES, LayerNorm, Linear, check_remat_policy, normal_init, param, scan_layers, \
-    stack_layers, to_dtype, zeros_init
+from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
+    to_dtype, zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 from leo_jax.models.vision.vit import PatchEmbed, slice_stack
 from leo_jax.sharding import constrain
@@ -74,13 +74,27 @@ class SamVisionConfig:
                 f"{w}.global_attn_indexes={self.global_attn_indexes} must be distinct layer indexes in "
                 f"[0, {self.num_layers})")
         require(self.hidden_act in ACTIVATIONS, f"{w}.hidden_act={self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
-        check_remat_policy(self.remat_policy, f"{w}.remat_policy")
+        check_numerics(self, w)
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    def forward_flops(self, seq_len: int | None = None) -> float:
+        """Forward FLOPs (2 per multiply-add) of one image: patch embedding, per layer q/k/v/o + MLP on every token
+        and attention within (padded) windows or over the whole grid, then the neck's 1x1 and 3x3 convolutions."""
+        g, d = self.grid, self.hidden_size
+        n = g * g
+        flops = 2 * n * self.patch_size ** 2 * self.num_channels * d
+        for layer in range(self.num_layers):
+            flops += 2 * n * (4 * d * d + 2 * d * self.mlp_dim)
+            if self.is_global(layer):
+                flops += 4 * n * n * d
+            else:
+                windows = -(-g // self.window_size) ** 2
+                flops += windows * 4 * self.window_size ** 4 * d
+        c = self.output_channels
+        return float(flops + 2 * n * d * c + 2 * n * 9 * c * c)
 
     def is_global(self, layer: int) -> bool:
         return self.window_size == 0 or layer in self.global_attn_indexes

@@ -16,8 +16,8 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import Attention
-from leo_jax.layers.common import DTYPES, LayerNorm, check_remat_policy, normal_init, param, scan_layers, \
-    stack_layers, to_dtype, zeros_init
+from leo_jax.layers.common import LayerNorm, check_numerics, normal_init, param, scan_layers, stack_layers, to_dtype, \
+    zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 from leo_jax.sharding import constrain
 
@@ -52,14 +52,20 @@ class ViTConfig:
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
         require(self.hidden_act in ACTIVATIONS,
                 f"{w}.hidden_act={self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
-        require(self.dtype in DTYPES, f"{w}.dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
-        require(self.param_dtype in DTYPES, f"{w}.param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}")
-        check_remat_policy(self.remat_policy, f"{w}.remat_policy")
+        check_numerics(self, w)
 
     @property
     def grid(self) -> int:
         """Patches per side of the trained position grid."""
         return self.image_size // self.patch_size
+
+    def forward_flops(self, seq_len: int | None = None) -> float:
+        """Forward FLOPs (2 per multiply-add) of one image at image_size through the layers that run (patch
+        embedding, q/k/v/o, MLP, attention scores and mixing; CLS counted); `seq_len` is ignored."""
+        n, d, f = self.grid ** 2 + 1, self.hidden_size, self.intermediate_size
+        layers = layers_to_run(self.output_layer, self.num_layers, "output_layer")
+        embed = 2 * (n - 1) * self.patch_size ** 2 * self.num_channels * d
+        return float(embed + layers * n * (8 * d * d + 4 * d * f + 4 * n * d))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model"):
