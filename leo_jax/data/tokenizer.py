@@ -75,8 +75,10 @@ class Tokenizer(abc.ABC):
             token_id, added = self._add_special_token(token)
             self._is_special_cache.clear()
             ids[token] = token_id
-            logger.info("tokenizer %s: special token %r -> id %d (%s)", self.name, token, token_id,
-                        "added" if added else "already present")
+            # new tokens change the vocabulary: always reported; known ones only at debug level (the pipeline
+            # loads the tokenizer in every reader, so this would otherwise repeat at each evaluation)
+            logger.log(logging.INFO if added else logging.DEBUG, "tokenizer %s: special token %r -> id %d (%s)",
+                       self.name, token, token_id, "added" if added else "already present")
         return ids
 
     def is_special(self, token: str) -> bool:
@@ -108,7 +110,7 @@ class Tokenizer(abc.ABC):
             # Padding is masked out everywhere (segment id 0), so any valid id will do.
             self.pad_id = self.eos_id if self.eos_id is not None else 0
             logger.info("tokenizer %s has no pad token; padding with id %d", self.name, self.pad_id)
-        logger.info("tokenizer %s: vocab_size=%d bos=%s eos=%s pad=%s", self.name, self.vocab_size,
+        logger.debug("tokenizer %s: vocab_size=%d bos=%s eos=%s pad=%s", self.name, self.vocab_size,
                     self.bos_id, self.eos_id, self.pad_id)
 
 
