@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import json
 import sys
 import types
 import typing
@@ -175,6 +176,12 @@ def dataclass_from_config(cls: type, config: Mapping[str, Any], where: str):
             continue
         kwargs[name] = _check_type(config[name], hints[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def config_hash(config) -> int:
+    """Hash of a frozen config dataclass whose fields may hold dicts: JAX hashes module configs as part of a static
+    graph definition (e.g. a jitted generate), and dataclasses cannot hash dict fields themselves."""
+    return hash(json.dumps(dataclasses.asdict(config), sort_keys=True, default=repr))
 
 
 def require(condition: bool, message: str) -> None:

@@ -30,7 +30,7 @@ def assert_sharded_matches(module: nnx.Module, fn, inputs: tuple, meshes=MESHES,
     for sizes in meshes:
         mesh = build_mesh({"ici": sizes})
         with jax.set_mesh(mesh):
-            sharded = shard_module(nnx.merge(graphdef, state), mesh)
+            sharded = shard_module(nnx.clone(nnx.merge(graphdef, state)), mesh)  # the caller's module stays put
             _, sharded_state = nnx.split(sharded)
             args = [jax.device_put(x, data_sharding(mesh, np.ndim(x))) for x in inputs]
             out = jax.tree.map(np.asarray, run(sharded_state, *args))

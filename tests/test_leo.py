@@ -118,9 +118,9 @@ def test_context_token_mismatch_is_a_clear_error(batches, models, preset):
     bad = {**batch, "input_ids": jnp.asarray(ids)}
     with pytest.raises(ValueError, match=r"batch row 3 has \d+ <IMG_CONTEXT> tokens but \d+ visual tokens"):
         models[preset].embed_inputs(bad)
-    graphdef, state = nnx.split(models[preset])
-    with pytest.raises(Exception, match=r"batch row 3 has \d+ <IMG_CONTEXT> tokens"):
-        jax.block_until_ready(jax.jit(lambda s, b: nnx.merge(graphdef, s).embed_inputs(b)[0])(state, bad))
+    graphdef, state = nnx.split(models[preset])  # under jit the step reports it; the trainer raises on the host
+    count = jax.jit(lambda s, b: nnx.merge(graphdef, s).train_forward(b).aux["visual_token_mismatch"])
+    assert int(count(state, bad)) == 1 and int(count(state, batch)) == 0
 
 
 def test_leo_mini_visual_tokens_depend_on_the_prompt_only(batches, models):
@@ -182,13 +182,13 @@ def test_tiny_model_loss_and_grads_match_on_8_devices(batches, models, preset):
 
         def loss_fn(p):
             out = nnx.merge(graphdef, p, rest).train_forward(batch)
-            balance = jnp.mean(out.aux["balance_loss"]) if out.aux else 0.0
+            balance = jnp.mean(out.aux["balance_loss"]) if "balance_loss" in out.aux else 0.0
             return masked_cross_entropy(out.out, batch) + 0.05 * balance
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return loss, jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
 
-    worst = assert_sharded_matches(model, loss_and_grad_norm, (batch,), meshes=MESHES[-1:], atol=2e-5)
     loss, grad_norm = jax.jit(loss_and_grad_norm)(model, batch)
     assert np.isfinite(float(loss)) and float(grad_norm) > 0
+    worst = assert_sharded_matches(model, loss_and_grad_norm, (batch,), meshes=MESHES[-1:], atol=2e-5)
     print(f"{preset}: loss {float(loss):.4f}, 1 vs 8 devices max diff {worst:.2e}")

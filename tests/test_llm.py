@@ -197,3 +197,14 @@ def test_clear_errors_for_bad_checkpoints(hf_models, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ConversionError, match=r"missing tensor 'model.layers.2"):
         load_hf(bad)
+
+
+def test_generation_compiles_for_configs_with_dict_fields():
+    """Configs holding dicts (rope scaling, MMoE, LEO sections) are part of the static graph of the jitted decode."""
+    cfg = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                    dtype="float32", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    assert hash(cfg) == hash(cfg.replace())
+    out = generate(model, _ids(batch=2, length=5, vocab=97), sampling=SamplingConfig(max_new_tokens=3))
+    assert out.shape == (2, 3)

@@ -34,7 +34,7 @@ from leo_jax.data import image_processing, packing, sources, templates, tiling
 
 logger = logging.getLogger(__name__)
 
-MODEL_KINDS = ("leo", "leo_mini")
+MODEL_KINDS = ("leo", "leo_mini", "llm")  # llm: text-only training of a plain LLM
 
 # Skip reasons (besides the sources' malformed_json / malformed_record).
 MISSING_IMAGE = "missing_image"
@@ -175,10 +175,14 @@ class SampleTransform:
         num_tags = sum(turn[sources.TEXT_KEY].count(IMAGE_TAG) for turn in conversations)
         if num_tags != len(record.images):
             raise _SkipSample(IMAGE_TAG_MISMATCH, f"{num_tags} {IMAGE_TAG} tags, {len(record.images)} images")
+        if self.model_kind == "llm" and record.images:
+            raise _SkipSample(TOO_MANY_IMAGES, f"{len(record.images)} image(s) for a text-only LLM")
         images = [_decode_image(ref) for ref in record.images]
 
         rng = np.random.default_rng([int(self.config.seed), int(stream_index)])
-        if self.model_kind == "leo":
+        if self.model_kind == "llm":
+            visual, token_counts = {}, []
+        elif self.model_kind == "leo":
             visual, token_counts = self._leo_visual(images, rng)
         else:
             visual, token_counts = self._leo_mini_visual(images)
@@ -263,6 +267,8 @@ def prepare_tokenizer(data_config):
 
 def build_preprocessors(data_config, model_kind: str) -> dict[str, Any]:
     """Batch-key stem -> image preprocessor for ``model_kind``, sized from the data config."""
+    if model_kind == "llm":
+        return {}
     if model_kind == "leo":
         leo = data_config.leo
         return {
@@ -280,6 +286,8 @@ def build_preprocessors(data_config, model_kind: str) -> dict[str, Any]:
 
 def visual_setup(data_config, model_kind: str, preprocessors: Mapping[str, Any]) -> VisualSetup:
     """Per-item array shapes of the model's visual batch entries (probed from the preprocessors)."""
+    if model_kind == "llm":
+        return VisualSetup("image_mask", 0, {})
     if model_kind == "leo":
         specs = {key: ((*pre.output_size, 3), np.uint8) for key, pre in preprocessors.items()}
         return VisualSetup("tile_mask", data_config.leo.max_tiles_per_row, specs)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.config import dataclass_from_config, require
+from leo_jax.config import config_hash, dataclass_from_config, require
 from leo_jax.data.image_processing import get_preprocessor
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
 from leo_jax.models.projector import MLPProjector, ProjectorConfig, pixel_unshuffle_internvl, pixel_unshuffle_torch
@@ -33,6 +33,8 @@ class LeoConfig:
     intern_unshuffle: float = 0.5  # InternVL pixel shuffle ("v2") scale on the InternViT token grid
     sam_unshuffle: int = 4  # torch pixel_unshuffle factor on SAM's neck map
     image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
+
+    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
 
     def __post_init__(self):
         intern, sam = self.intern_vit_config, self.sam_config
@@ -137,4 +139,7 @@ class Leo(nnx.Module):
     def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
                       deterministic: bool = True) -> DecoderOutput:
         embeds, _ = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
-        return self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"])
+        out = self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"])
+        visual_mask = jnp.repeat(batch["tile_mask"], self.cfg.tokens_per_tile(), axis=1)
+        mismatch = check_context_tokens(batch["input_ids"] == self.cfg.image_context_id, visual_mask, "LEO")
+        return out._replace(aux={**out.aux, "visual_token_mismatch": mismatch})

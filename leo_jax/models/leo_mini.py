@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.config import dataclass_from_config, require
+from leo_jax.config import config_hash, dataclass_from_config, require
 from leo_jax.data.image_processing import get_preprocessor
 from leo_jax.models.cotr import CoTR, CoTRConfig
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
@@ -50,6 +50,8 @@ class VisionExpertConfig:
     processor: dict
     grid: int | None = None
 
+    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
+
     def __post_init__(self):
         w = f"config.model.experts[{self.name}]"
         require(self.kind in ENCODER_OUTPUTS, f"{w}.kind={self.kind!r}: use one of {sorted(ENCODER_OUTPUTS)}")
@@ -77,6 +79,8 @@ class LeoMiniConfig:
     cotr: dict  # CoTRConfig fields except expert_widths / expert_tokens / text_width (derived)
     projector: dict  # ProjectorConfig fields except in_features / out_features (derived)
     image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
+
+    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
 
     def __post_init__(self):
         require(len(self.experts) > 0, "config.model.experts is empty: LEO-MINI needs at least one vision expert")
@@ -227,5 +231,8 @@ class LeoMini(nnx.Module):
     def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
                       deterministic: bool = True) -> DecoderOutput:
         embeds, routing = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
-        return self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"],
-                                routing=routing)
+        out = self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"],
+                               routing=routing)
+        visual_mask = jnp.repeat(batch["image_mask"], self.cotr.cfg.num_queries, axis=1)
+        mismatch = check_context_tokens(batch["input_ids"] == self.cfg.image_context_id, visual_mask, "LEO-MINI")
+        return out._replace(aux={**out.aux, "visual_token_mismatch": mismatch})

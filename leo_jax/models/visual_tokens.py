@@ -17,16 +17,17 @@ def _raise_on_mismatch(context_counts: np.ndarray, visual_counts: np.ndarray, wh
                          f"token counts and the tile/image masks)")
 
 
-def check_context_tokens(context: jax.Array, visual_mask: jax.Array, where: str) -> None:
-    """Errors when a row's number of <IMG_CONTEXT> positions differs from its number of valid visual tokens.
+def check_context_tokens(context: jax.Array, visual_mask: jax.Array, where: str) -> jax.Array:
+    """Number of rows whose count of <IMG_CONTEXT> positions differs from their count of valid visual tokens.
 
-    Eagerly it raises at once; under jit the check runs as a host callback and fails the step with the message."""
+    Eagerly a mismatch raises at once. Under jit no host callback runs inside the step (it can stall collectives on
+    multi-device meshes): the models report the count in `aux['visual_token_mismatch']` and the trainer raises with
+    the same message when it fetches the step's metrics."""
     context_counts = jnp.sum(context, axis=1)
     visual_counts = jnp.sum(visual_mask, axis=1)
-    if isinstance(context_counts, jax.core.Tracer) or isinstance(visual_counts, jax.core.Tracer):
-        jax.debug.callback(_raise_on_mismatch, context_counts, visual_counts, where)
-    else:
+    if not isinstance(context_counts, jax.core.Tracer) and not isinstance(visual_counts, jax.core.Tracer):
         _raise_on_mismatch(np.asarray(context_counts), np.asarray(visual_counts), where)
+    return jnp.sum(context_counts != visual_counts).astype(jnp.int32)
 
 
 def scatter_visual_tokens(embeds: jax.Array, context: jax.Array, visual: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.config import dataclass_from_config, require
+from leo_jax.config import config_hash, dataclass_from_config, require
 from leo_jax.layers.attention import Attention, KVCache
 from leo_jax.layers.common import Embed, Linear, RMSNorm, check_numerics, scan_layers, stack_layers, to_dtype
 from leo_jax.layers.mlp import SwiGLU
@@ -52,6 +52,8 @@ class LLMConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     mmoe: dict | None = None  # LEO-MINI's LoRA experts + routers (leo_jax.models.mmoe.MMoEConfig fields)
+
+    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
 
     def __post_init__(self):
         w = "config.model"

@@ -1,0 +1,21 @@
+"""LEO-MINI-Llama3-8B stage 2 (SPEC 2.2 recipe): everything trains on the SFT mix (~1.8M samples, template
+'llama3'), lr 2e-5, cosine, 3% warm-up, weight decay 0, 1 epoch, max length 2048; batch 128 (LLaVA-1.5's SFT batch;
+not in the SPEC).
+
+Reading of "everything": the vision experts, CoTR, projector and LLM train; the MMoE routers and LoRA experts stay
+frozen at their initialisation (B = 0, so they add nothing) until stage 3 introduces them. Remove the `frozen`
+pattern (--config.train.frozen="()") to train them here too.
+
+Start from stage 1: --config.train.init="{'': 'STAGE1_WORKDIR/checkpoints/STEP'}" (a trainer checkpoint).
+"""
+from configs import leo_mini_llama3_8b_stage1
+
+
+def get_config():
+    config = leo_mini_llama3_8b_stage1.get_config()
+    config.data.template = "llama3"
+    config.data.global_batch_size = 128
+    config.train.learning_rate = 2e-5
+    config.train.trainable = (".*",)
+    config.train.frozen = ("llm/layers/mmoe/.*",)
+    return config

@@ -1,0 +1,14 @@
+"""LEO-MINI-Llama3-8B stage 3 (SPEC 2.2 recipe): CoTR + MMoE (routers, general and routed LoRA experts) + projector
+train on LLaVA-665K; the LLM and the vision experts are frozen. lr 2e-5, cosine, 3% warm-up, weight decay 0, 1 epoch,
+max length 2048, batch 128; the MMoE balance loss weighs 0.05 (config.train.balance_loss_weight).
+
+Start from stage 2: --config.train.init="{'': 'STAGE2_WORKDIR/checkpoints/STEP'}".
+"""
+from configs import leo_mini_llama3_8b_stage2
+
+
+def get_config():
+    config = leo_mini_llama3_8b_stage2.get_config()
+    config.train.trainable = ("cotr/.*", "projector/.*", "llm/layers/mmoe/.*")
+    config.train.frozen = ()
+    return config

@@ -1,0 +1,302 @@
+"""The training loop: set-up (mesh, sharded state, data, checkpoints, resume), the step loop with logging,
+evaluation and checkpointing, SIGTERM handling and the non-finite-loss stop.
+
+The loop never waits for the device except to log (every `train.log_every` steps), to check the pending losses
+before a checkpoint, and to evaluate: steps are dispatched asynchronously while the host prepares the next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from leo_jax.data import pipeline, preflight, sources, templates
+from leo_jax.models.registry import build_model, model_config
+from leo_jax.sharding import build_mesh
+from leo_jax.train import metrics as metrics_lib
+from leo_jax.train.checkpoint import Checkpointer
+from leo_jax.train.config import TrainConfig
+from leo_jax.train.evaluate import Evaluator
+from leo_jax.train.optimizer import TrainableFilter, check_patterns, count_params, make_optimizer
+from leo_jax.train.pretrained import apply_init
+from leo_jax.train.state import abstract_train_state, create_train_state
+from leo_jax.train.step import device_batch, jit_train_step, make_train_step
+
+logger = logging.getLogger("leo_jax.train")
+
+# config.model.kind -> the data pipeline's model kind
+DATA_KINDS = {"llm": "llm", "leo": "leo", "leo_mini": "leo_mini"}
+
+
+LOSS_KEYS = ("loss", "total_loss", "grad_norm")  # checked for NaN / inf at every log and before every checkpoint
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the sections the trainer needs and fills model fields that come from the tokenizer."""
+    for section in ("model", "data", "train"):
+        if section not in config:
+            raise ValueError(f"the config has no `{section}` section; a training preset composes a model preset with "
+                             "configs/common_data.py and configs/common_train.py (see configs/tiny_leo_mini_train.py)")
+    if config.model.kind not in DATA_KINDS:
+        raise ValueError(f"config.model.kind={config.model.kind!r} cannot be trained; use one of {sorted(DATA_KINDS)}")
+    config = ml_collections.ConfigDict(config.to_dict())  # a private copy
+    tokenizer = pipeline.prepare_tokenizer(config.data)
+    if "image_context_id" in config.model and config.model.image_context_id < 0:
+        config.model.image_context_id = tokenizer.token_to_id(templates.IMG_CONTEXT)
+    return config
+
+
+def total_steps(train_cfg: TrainConfig, data_config) -> int:
+    """train.steps, or one pass over the training files x data.num_epochs when it is -1."""
+    if train_cfg.steps > 0:
+        return train_cfg.steps
+    if data_config.packing or data_config.num_epochs is None:
+        raise ValueError("config.train.steps=-1 (one pass over the data) needs data.packing=False and a finite "
+                         "data.num_epochs; give config.train.steps explicitly")
+    records = len(sources.open_sources(data_config.train_files, data_config.image_root or None,
+                                       split=data_config.split))
+    return math.ceil(records * data_config.num_epochs / data_config.global_batch_size)
+
+
+class _StopSignal:
+    """Records SIGTERM (preemption, scheduler stop) so the loop can save and exit at the next step boundary."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM received: saving a checkpoint after the current step, then exiting")
+        self.received = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """`Trainer(config, workdir).run()`: trains (resuming from workdir/checkpoints if present), returns the last
+    evaluation metrics."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = prepare_config(config)
+        self.workdir = workdir
+        self.train_cfg = TrainConfig.from_config(self.config.train)
+        self.model_cfg = model_config(self.config.model)
+        self.data_kind = DATA_KINDS[self.config.model.kind]
+        self.mesh = build_mesh(self.config.mesh)
+        self.total_steps = total_steps(self.train_cfg, self.config.data)
+        self.tx, self.schedule = make_optimizer(self.train_cfg, self.total_steps)
+        self.filter = TrainableFilter(self.train_cfg.trainable, self.train_cfg.frozen)
+        self.seed = int(self.config.seed)
+        check_patterns(nnx.eval_shape(lambda: self._build(nnx.Rngs(params=self.seed))), self.train_cfg)
+        os.makedirs(workdir, exist_ok=True)
+        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=self.train_cfg.keep_checkpoints,
+                                         async_save=self.train_cfg.async_checkpoint)
+        self.writer = metrics_lib.MetricsWriter(workdir)
+        self.graphdef = self.state = self.state_shardings = None
+        self.iterator = None
+        self._train_step = None
+        self._evaluator = None
+        self._pending: list[tuple[int, dict, int]] = []  # (step, device metrics, padded length)
+        self._counts = {"tokens": 0.0, "images": 0.0, "tiles": 0.0}
+        self._last_log = None
+        self.last_eval: dict[str, float] = {}
+
+    def _build(self, rngs: nnx.Rngs) -> nnx.Module:
+        return build_model(self.config.model, rngs)
+
+    # --- set-up --------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Creates (or restores) the sharded state and the data iterator at the right position."""
+        self.iterator = pipeline.make_train_iterator(self.config.data, self.data_kind)
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            self.graphdef, self.state, self.state_shardings = create_train_state(
+                self._build, self.filter, self.tx, self.seed, self.mesh)
+            if self.train_cfg.init:
+                self.state = apply_init(self.state, self.train_cfg.init)
+            logger.info("fresh run: %d steps, checkpoints in %s", self.total_steps, self.checkpointer.directory)
+        else:
+            self.graphdef, abstract, self.state_shardings = abstract_train_state(
+                self._build, self.filter, self.tx, self.seed, self.mesh)
+            self.state = self.checkpointer.restore(latest, abstract, self.iterator)
+            logger.info("resumed from %s/%d (step %d of %d)", self.checkpointer.directory, latest,
+                        int(self.state.step), self.total_steps)
+        trainable, frozen = count_params(self.state.trainable), count_params(self.state.frozen)
+        logger.info("parameters: %s trainable, %s frozen (%.2f%% trainable); mesh %s", f"{trainable:,}",
+                    f"{frozen:,}", 100 * trainable / max(trainable + frozen, 1), dict(self.mesh.shape))
+        self.num_params = trainable + frozen
+        self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
+                                           grad_accum_steps=self.train_cfg.grad_accum_steps,
+                                           balance_loss_weight=self.train_cfg.balance_loss_weight)
+
+    def _preflight(self, batch: dict) -> None:
+        data = self.config.data
+        kwargs = {}
+        if self.data_kind == "leo":
+            kwargs["tokens_per_tile"] = int(data.leo.tokens_per_tile)
+        elif self.data_kind == "leo_mini":
+            kwargs["tokens_per_image"] = int(data.leo_mini.num_query_tokens)
+        vocab = getattr(self.model_cfg, "vocab_size", None) or getattr(self.model_cfg.llm_config, "vocab_size")
+        tokenizer = pipeline.prepare_tokenizer(data)
+        preflight.check_batches([batch], tokenizer, data.template, vocab_size=vocab, **kwargs)
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None) -> dict[str, float]:
+        """Trains to train.steps (or only up to step `stop_at`, then checkpoints and returns: a planned
+        interruption, e.g. the end of a time slot; the same command later resumes exactly)."""
+        if self.state is None:
+            self.setup()
+        start = int(self.state.step)
+        jitted = None
+        batch_spec = P(("data", "fsdp"))
+        with _StopSignal() as stop, jax.set_mesh(self.mesh):
+            self._last_log = (time.perf_counter(), start)
+            for step in range(start, self.total_steps):
+                try:
+                    batch = next(self.iterator)
+                except StopIteration:
+                    logger.warning("the training data ran out after step %d of %d (data.num_epochs=%s)", step,
+                                   self.total_steps, self.config.data.num_epochs)
+                    self._save(step, force=True)
+                    break
+                if step == start:
+                    self._preflight(batch)
+                for key, value in metrics_lib.batch_counts(batch).items():
+                    self._counts[key] += value
+                local = device_batch(batch)
+                if jitted is None:
+                    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
+                    jitted = jit_train_step(self._train_step, self.state_shardings, shapes, self.mesh)
+                self.state, step_metrics = jitted(self.state, pipeline.to_global_batch(local, self.mesh, batch_spec))
+                done = step + 1
+                self._pending.append((done, step_metrics, int(batch["input_ids"].shape[1])))
+                last = done == self.total_steps
+                if done % self.train_cfg.log_every == 0 or last:
+                    self._log()
+                if self.train_cfg.eval_every and done % self.train_cfg.eval_every == 0 and not last:
+                    self._evaluate(done)
+                if done % self.train_cfg.checkpoint_every == 0 or last:
+                    self._save(done)
+                if stop.received or self.checkpointer.reached_preemption(done) or done == stop_at:
+                    self._save(done, force=True)
+                    self.checkpointer.wait()
+                    logger.warning("stopped at step %d%s; the checkpoint is saved; rerun the same command to resume",
+                                   done, " after SIGTERM" if stop.received else "")
+                    self.close()
+                    return self.last_eval
+            self.checkpointer.wait()
+            if self.train_cfg.eval_at_end:
+                self._evaluate(int(self.state.step))
+        self.close()
+        return self.last_eval
+
+    def _log(self) -> None:
+        """Fetches the pending step metrics (the only host sync), stops on a non-finite loss, writes a record."""
+        if not self._pending:
+            return
+        fetched = [(s, jax.device_get(m), length) for s, m, length in self._pending]
+        self._pending = []
+        for step, values, _ in fetched:
+            watched = {k: float(values[k]) for k in LOSS_KEYS if k in values}
+            if int(values.get("visual_token_mismatch", 0)):
+                raise ValueError(f"step {step}: {int(values['visual_token_mismatch'])} batch rows have a number of "
+                                 "<IMG_CONTEXT> tokens different from their visual tokens; the prompt's image "
+                                 "placeholders and the images/tiles in the batch must match (check the template's "
+                                 "image token counts, data.leo.tokens_per_tile / data.leo_mini.num_query_tokens and "
+                                 "the model's image_context_id)")
+            if not all(math.isfinite(v) for v in watched.values()):
+                raise NonFiniteLossError(f"non-finite loss at step {step} ({watched}); the newest checkpoint in "
+                                         f"{self.checkpointer.directory} predates it. Lower train.learning_rate, "
+                                         "check the data, or resume from that checkpoint")
+        step = fetched[-1][0]
+        now = time.perf_counter()
+        elapsed = now - self._last_log[0]
+        steps = step - self._last_log[1]
+        self._last_log = (now, step)
+        scalars = metrics_lib.to_scalars({k: np.mean([np.asarray(v[k]) for _, v, _ in fetched], axis=0)
+                                          for k in fetched[-1][1]})
+        scalars["learning_rate"] = float(fetched[-1][1]["learning_rate"])
+        processes = jax.process_count()
+        seconds_per_step = elapsed / max(steps, 1)
+        scalars["perf/seconds_per_step"] = seconds_per_step
+        for key, value in self._counts.items():
+            if value:
+                scalars[f"perf/{key}_per_second"] = value * processes / max(elapsed, 1e-9)
+        self._counts = dict.fromkeys(self._counts, 0.0)
+        flops = np.mean([metrics_lib.train_flops_per_step(self.model_cfg, length, int(
+            self.config.data.global_batch_size), self.num_params) for _, _, length in fetched])
+        scalars["perf/tflops_per_second"] = flops / seconds_per_step / 1e12
+        peak = metrics_lib.peak_flops_per_device(self.train_cfg.peak_flops_per_device)
+        if peak:
+            scalars["perf/mfu"] = flops / seconds_per_step / (peak * jax.device_count())
+        self.writer.write(step, scalars)
+        eta = seconds_per_step * (self.total_steps - step)
+        parts = [f"step {step}/{self.total_steps}", f"loss {scalars['loss']:.4f}", f"lr {scalars['learning_rate']:.2e}",
+                 f"grad {scalars['grad_norm']:.3f}"]
+        if "balance_loss" in scalars:
+            parts.append(f"balance {scalars['balance_loss']:.3f}")
+        parts.append(f"{scalars.get('perf/tokens_per_second', 0):,.0f} tok/s")
+        if "perf/images_per_second" in scalars:
+            parts.append(f"{scalars['perf/images_per_second']:.1f} img/s")
+        if "perf/tiles_per_second" in scalars:
+            parts.append(f"{scalars['perf/tiles_per_second']:.1f} tiles/s")
+        parts.append(f"MFU {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "MFU n/a")
+        parts += [f"{seconds_per_step:.2f} s/step", f"ETA {metrics_lib.format_seconds(eta)}"]
+        logger.info(" | ".join(parts))
+
+    def _evaluate(self, step: int) -> None:
+        if not (self.config.data.eval_files or self.config.data.train_files):
+            return
+        self._log()
+        started = time.perf_counter()
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.graphdef, self.config.data, self.data_kind,
+                                        max_batches=self.train_cfg.eval_max_batches,
+                                        max_new_tokens=self.train_cfg.eval_max_new_tokens)
+        results = self._evaluator(self.state.trainable, self.state.frozen)
+        results["eval/seconds"] = time.perf_counter() - started
+        self.last_eval = results
+        self.writer.write(step, results)
+        summary = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in results.items()
+                            if k.endswith("/accuracy"))
+        logger.info("eval at step %d: exact match %.3f over %d answers%s (%.0f s)", step, results["eval/exact_match"],
+                    int(results["eval/num"]), f"; per type: {summary}" if summary else "", results["eval/seconds"])
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "eval_results.json"), "w") as f:
+                json.dump({"step": step, **results}, f, indent=1)
+
+    def _save(self, step: int, force: bool = False) -> None:
+        self._log()  # never checkpoint a state whose pending losses were not checked
+        if step in self.checkpointer.all_steps():
+            return
+        if self.checkpointer.save(step, self.state, self.iterator, self.config.to_dict(), force=force):
+            logger.info("checkpoint %d saving to %s", step, self.checkpointer.directory)
+
+    def close(self) -> None:
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.writer.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    return Trainer(config, workdir).run()

@@ -1,0 +1,29 @@
+"""The built-in synthetic visual-QA set as a training default: generated into the work directory when absent."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+
+from leo_jax.data import synthetic
+
+logger = logging.getLogger("leo_jax.train")
+
+
+def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """With a `config.synthetic` section ({num, val_num, seed, image_size, multi_image_fraction, dir}), points
+    data.train_files / data.eval_files at the set in `dir` (default WORKDIR/synthetic), writing it first if absent."""
+    if "synthetic" not in config:
+        return
+    spec = config.synthetic
+    out = spec.dir or os.path.join(workdir, "synthetic")
+    train_file, val_file = os.path.join(out, "data.json"), os.path.join(out, "val.json")
+    if not (os.path.exists(train_file) and os.path.exists(val_file)):
+        logger.info("writing the synthetic set (%d train / %d validation samples) to %s", spec.num, spec.val_num, out)
+        info = synthetic.write_dataset(out, spec.num, spec.seed, val_num=spec.val_num, image_size=spec.image_size,
+                                       multi_image_fraction=spec.multi_image_fraction)
+        logger.info("chance levels (validation):\n%s", synthetic.format_chance_table(info["chance_val"]))
+    config.data.train_files = train_file
+    config.data.eval_files = val_file
