@@ -114,16 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="training preset (with a `train` section)")
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-128, v5e-256, v6e-64 or v5p:4x4x4")
     parser.add_argument("--num-slices", type=int, default=1)
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        return 0
-    from leo_jax.config import config_from_argv
+    from leo_jax.config import parse_cli
 
-    try:
-        config, rest = config_from_argv(argv)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    args = parser.parse_args(["--config", "x"] + rest)
+    config, args = parse_cli(parser, argv)
     try:
         name, chip_config = topology_name(args.topology)
     except ValueError as e:

@@ -111,6 +111,20 @@ def config_from_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, li
     return load_config(name, overrides, arg or None), rest
 
 
+def parse_cli(parser, argv: Sequence[str]):
+    """(config, args) for a command line with `--config NAME|PATH[:arg]`, `--config.x=v` overrides and the parser's
+    other flags; `--help` prints the parser's help and exits 0; config errors exit through `parser.error`."""
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    try:
+        config, rest = config_from_argv(argv)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return config, parser.parse_args(["--config", "x"] + rest)
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is Any:

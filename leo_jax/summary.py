@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from flax import nnx
 
-from leo_jax.config import config_from_argv
+from leo_jax.config import parse_cli
 from leo_jax.models.registry import abstract_model, model_config
 
 
@@ -54,13 +54,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="preset name (configs/<name>.py) or path, optional ':arg'")
     parser.add_argument("--depth", type=int, default=2, help="module path depth of the breakdown")
     parser.add_argument("--seq-len", type=int, default=2048, help="prompt length for the FLOPs estimate")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, _ = parser.parse_known_args(argv)
+    config, args = parse_cli(parser, sys.argv[1:] if argv is None else argv)
     try:
-        config, rest = config_from_argv(argv)
-    except (ValueError, FileNotFoundError) as e:
+        print(summarize(config, args.depth, args.seq_len))
+    except ValueError as e:  # config validation: names the bad field
         parser.error(str(e))
-    print(summarize(config, args.depth, args.seq_len))
     return 0
 
 

@@ -256,3 +256,11 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path):
     assert int(trainer.state.step) == 2
     trainer.run()  # and training continues from there
     assert int(trainer.state.step) == 6
+
+
+def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
+    """`--workdir runs/x` (relative, as in the README) must checkpoint: Orbax itself only accepts absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    config = llm_train_config("runs/rel", steps=2, checkpoint_every=1)
+    Trainer(config, "runs/rel").run()
+    assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit())[-1] == "2"

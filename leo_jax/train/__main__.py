@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from leo_jax.config import config_from_argv
+from leo_jax.config import parse_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,14 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "--config.data.global_batch_size=64, --config.mesh.ici.fsdp=4 ...")
     parser.add_argument("--config", required=True, help="preset name or path to a config .py (optionally :arg)")
     parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and TensorBoard logs")
-    if "-h" in argv or "--help" in argv:
-        parser.print_help()
-        return 0
-    try:
-        config, rest = config_from_argv(argv)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    args = parser.parse_args(["--config", "x"] + rest)
+    config, args = parse_cli(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -10,6 +10,7 @@ onto any other mesh or device count.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grain
@@ -77,7 +78,7 @@ class Checkpointer:
     """Orbax CheckpointManager for `workdir/checkpoints`, keeping the newest `keep` checkpoints."""
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(os.path.abspath(directory))  # Orbax (tensorstore) needs absolute paths
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
