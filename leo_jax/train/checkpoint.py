@@ -78,7 +78,8 @@ class Checkpointer:
     """Orbax CheckpointManager for `workdir/checkpoints`, keeping the newest `keep` checkpoints."""
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-        self.directory = epath.Path(os.path.abspath(directory))  # Orbax (tensorstore) needs absolute paths
+        # Orbax (tensorstore) needs absolute paths; remote ones (gs://...) already are
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
