@@ -1,4 +1,4 @@
-"""EVA-02 vs the PyTorch reference written from timm's published architecture (tests/eva02_reference.py; timm
+"""EVA-02 vs the PyTorch reference written from timm's published architecture (leo_jax/pytorch/eva02.py; timm
 itself needs torchvision and cannot be installed here), plus timm golden outputs when tests/golden has them:
 both checkpoint layouts, conversion round trip, sharding, drop-path, clear errors and the L/14-336 preset's size."""
 
@@ -21,7 +21,7 @@ from leo_jax import convert
 from leo_jax.convert.core import ConversionError
 from leo_jax.convert.eva02 import config_from_hf
 from leo_jax.models.vision.eva02 import EVA02Config, EVA02VisionEncoder
-from tests.eva02_reference import Eva
+from leo_jax.pytorch.eva02 import Eva
 from tests.golden.make_eva02_golden import VARIANTS, build_golden
 from tests.sharding_utils import assert_sharded_matches
 from tests.vision_utils import assert_round_trip, max_abs_diff, preset_param_count, random_pixels, to_torch
@@ -99,7 +99,7 @@ def check_against_golden(path: Path, tmp_path: Path) -> float:
 
 def test_golden_file_round_trips_through_the_checker(tmp_path):
     """The golden script and checker work end to end (here with the reference standing in for timm)."""
-    golden = build_golden(lambda args: Eva(**args), "tests/eva02_reference.py", tmp_path / "golden.npz")
+    golden = build_golden(lambda args: Eva(**args), "leo_jax/pytorch/eva02.py", tmp_path / "golden.npz")
     assert check_against_golden(golden, tmp_path / "dirs") <= 1e-4
 
 

@@ -75,6 +75,13 @@ def conv(hf: str, jax_path: str, layers=None) -> Rule:
                 lambda a: [a[0].transpose(3, 2, 0, 1)], layers)
 
 
+def prefixed(rules: Sequence[Rule], hf_prefix: str, jax_prefix: str) -> list[Rule]:
+    """A component's rules inside a whole model: HF names get `hf_prefix` ('vision_model_1.'), leo_jax paths get
+    `jax_prefix` ('intern_vit/'). Whole-model families (LEO, LEO-MINI) are their components' tables composed so."""
+    return [dataclasses.replace(r, hf=tuple(hf_prefix + n for n in r.hf), jax=tuple(jax_prefix + p for p in r.jax))
+            for r in rules]
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How one model family maps to Hugging Face."""

@@ -3,7 +3,7 @@
 Run where timm (and torchvision) are installed, from the repository root:
     python tests/golden/make_eva02_golden.py
 tests/test_vision_eva02.py then checks leo_jax's EVA-02 (imported through the eva02 conversion family) and the
-PyTorch reference in tests/eva02_reference.py against these numbers. Two variants cover timm's layouts:
+PyTorch reference in leo_jax/pytorch/eva02.py against these numbers. Two variants cover timm's layouts:
 'clip' (separate q/k/v projections, sub-LN in attention, SwiGLU with its norm, final norm: eva02_*_clip_*) and
 'mim' (fused qkv with q/v biases, packed GluMlp without norm, avg-pool without the final norm: eva02_tiny/small).
 Weights are rounded to float16 before the forward so that the stored (float16) weights are exact.

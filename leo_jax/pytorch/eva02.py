@@ -1,11 +1,13 @@
 """A compact PyTorch EVA-02 written from the published architecture (timm `timm/models/eva.py`: `Eva`, `EvaBlock`,
-`EvaAttention`, `SwiGLU`, `RotaryEmbeddingCat` with `in_pixels=False`), used as the reference for
-leo_jax.models.vision.eva02 because timm itself cannot be installed here (it needs torchvision).
+`EvaAttention`, `SwiGLU`, `RotaryEmbeddingCat` with `in_pixels=False`): the EVA-02 expert of the PyTorch LEO-MINI
+(leo_jax.pytorch.leo_mini) and the reference for leo_jax.models.vision.eva02, since timm itself cannot be installed
+here (it needs torchvision).
 
 Parameter names and shapes are timm's, so `state_dict()` is a timm-layout checkpoint of the vision tower:
 cls_token [1, 1, D], pos_embed [1, 1 + N, D], patch_embed.proj, blocks.{i}.{norm1, attn.{q_proj, k_proj,
 v_proj | qkv, q_bias, v_bias}, attn.norm, attn.proj, norm2, mlp.{fc1_g, fc1_x, norm, fc2 | fc1, fc2}}, norm.
-`forward_features` is timm's. tests/golden/make_eva02_golden.py checks the same numbers against real timm where it exists.
+`forward_features` is timm's. tests/golden/make_eva02_golden.py checks the same numbers against real timm where it
+exists.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ class Eva(nn.Module):
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, embed_dim))
-        self.rope_sin, self.rope_cos = build_rotary_pos_embed(self.grid, embed_dim // num_heads, 10000.0,
-                                                              ref_feat_shape)
+        sin_emb, cos_emb = build_rotary_pos_embed(self.grid, embed_dim // num_heads, 10000.0, ref_feat_shape)
+        # buffers (not in the state dict, as timm's) so that .to(device) moves them with the weights
+        self.register_buffer("rope", torch.cat([sin_emb, cos_emb], -1), persistent=False)
         self.blocks = nn.ModuleList([EvaBlock(embed_dim, num_heads, mlp_ratio, qkv_fused, scale_mlp, scale_attn_inner)
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "token" else nn.Identity()
@@ -148,10 +151,9 @@ class Eva(nn.Module):
     def forward_features(self, x, return_hidden_states: bool = False):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
-        rope = torch.cat([self.rope_sin, self.rope_cos], -1)
         hidden = [x]
         for blk in self.blocks:
-            x = blk(x, rope=rope)
+            x = blk(x, rope=self.rope)
             hidden.append(x)
         x = self.norm(x)
         return (x, hidden) if return_hidden_states else x

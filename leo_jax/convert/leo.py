@@ -1,0 +1,187 @@
+"""Whole-model conversion for LEO in the layout of the official LEO code (github.com/Mozhgan91/LEO, `LeoModel` in
+leo/model/leo_chat/modeling_leo_chat.py, config `LeoConfig` with model_type 'hybrid_chat'):
+
+- `vision_model_1.*`  InternViT in the original OpenGVLab layout (fused `attn.qkv`, `ls1`/`ls2`, `norm1`/`norm2`),
+- `vision_model_2.*`  the SAM image encoder. LEO's `SAMModel(config).vision_encoder` uses the same module names as
+  transformers' `SamVisionEncoder` (`patch_embed.projection`, `pos_embed`, `layers.{i}.attn.qkv`, `neck.conv1`,
+  ...), so these are the transformers SAM table's names with 'vision_encoder.' replaced by 'vision_model_2.',
+- `mlp1.*` / `mlp2.*` the two projectors (LayerNorm, Linear, GELU, Linear: `nn.Sequential` indices 0, 1, 3),
+- `language_model.*`  the LLM as the official code names it: InternLM2ForCausalLM (`model.tok_embeddings`,
+  `model.layers.{i}.attention.wqkv`, `feed_forward.w1/w2/w3`, `output`), or Llama/Qwen2ForCausalLM names.
+
+config.json is the official `LeoConfig.to_dict()` (vision_config_1, vision_config_2, llm_config, downsample_ratio,
+downsample_ratio2, ps_version, select_layer, template, ...) plus `img_context_token_id` and the complete leo_jax
+model config under "leo_jax", so importing rebuilds the identical model. A config.json without "leo_jax" (an
+official LEO checkpoint) is read from the official fields alone. `leo_jax.pytorch.leo.LeoModel` loads the exported
+directory with `load_state_dict(strict=True)`.
+
+`export_components` writes each part as its own Hugging Face directory (LLM, InternViT as transformers
+InternVLVisionModel, SAM as transformers SamVisionModel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from leo_jax.convert import intern_vit, llm, sam
+from leo_jax.convert.api import export_module
+from leo_jax.convert.core import ConversionError, Family, Rule, prefixed, register
+from leo_jax.convert.vit import linear_with_bias, norm
+from leo_jax.models.leo import Leo, LeoConfig
+from leo_jax.models.projector import ProjectorConfig, torch_projector_names
+
+MODEL_TYPE = "hybrid_chat"  # the official LeoConfig.model_type
+LEO_JAX_KEY = "leo_jax"
+# official llm_config.architectures[0] <-> leo_jax LLM family (and its convert table)
+LLM_ARCHITECTURES = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+LLM_RULES = {"internlm2": llm.internlm2_rules, "llama": llm.llama_rules, "qwen2": llm.llama_rules}
+# official defaults of the LEO-8B release config that leo_jax keeps outside the model config (tiling, template)
+OFFICIAL_DEFAULTS = dict(template="internlm2-chat", dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1,
+                         max_dynamic_patch=6, pad2square=False, use_backbone_lora=0, use_llm_lora=0)
+
+
+def _projector_fields(cfg: LeoConfig) -> dict:
+    """The projector's config as stored in LeoConfig.projector (all fields but the derived in/out widths)."""
+    fields = dataclasses.asdict(cfg.projector_config(cfg.intern_features))
+    return {k: v for k, v in fields.items() if k not in ("in_features", "out_features")}
+
+
+def canonical(cfg: LeoConfig) -> LeoConfig:
+    """`cfg` with every sub-config written out in full (defaults filled in, tuples as tuples): the form import
+    returns, so equal models have equal configs whether they came from a preset or a config.json."""
+    return dataclasses.replace(cfg, intern_vit=dataclasses.asdict(cfg.intern_vit_config),
+                               sam=dataclasses.asdict(cfg.sam_config), llm=dataclasses.asdict(cfg.llm_config),
+                               projector=_projector_fields(cfg))
+
+
+def _check_official_projector(cfg: LeoConfig) -> None:
+    projector: ProjectorConfig = cfg.projector_config(cfg.intern_features)
+    if not projector.layer_norm or projector.act != "gelu" or projector.norm_eps != 1e-5:
+        raise ConversionError(f"config.model.projector={cfg.projector}: the official LEO layout has LayerNorm(eps "
+                              f"1e-5) -> Linear -> GELU -> Linear projectors (layer_norm=True, act='gelu')")
+
+
+# ---- config.json ---------------------------------------------------------------------------------------------------
+
+def config_to_hf(cfg: LeoConfig, original: dict) -> dict:
+    """Official LeoConfig fields (taken from `original` where it has them) + img_context_token_id + "leo_jax"."""
+    intern_cfg, llm_cfg = cfg.intern_vit_config, cfg.llm_config
+    hf = {**OFFICIAL_DEFAULTS, **original}
+    vision_2 = sam.config_to_hf(cfg.sam_config, dict(original.get("vision_config_2", {})))
+    vision_2.pop("architectures", None)  # LEO's SAM is a bare SamVisionEncoder, not a SamVisionModel
+    hf.update(
+        model_type=MODEL_TYPE, architectures=["LeoModel"],
+        vision_config_1=intern_vit.original_config_to_hf(intern_cfg, dict(original.get("vision_config_1", {}))),
+        vision_config_2=vision_2,
+        llm_config=llm._llm_config_to_hf(llm_cfg, dict(original.get("llm_config", {}))),
+        downsample_ratio=cfg.intern_unshuffle, downsample_ratio2=cfg.sam_unshuffle, ps_version="v2",
+        select_layer=intern_cfg.output_layer, force_image_size=intern_cfg.image_size,
+        img_context_token_id=cfg.image_context_id, num_image_token=cfg.tokens_per_tile())
+    hf[LEO_JAX_KEY] = dataclasses.asdict(canonical(cfg))
+    return hf
+
+
+def _sub_config(hf: dict, key: str) -> dict:
+    if not isinstance(hf.get(key), dict):
+        raise ConversionError(f"config.json (model_type {MODEL_TYPE!r}) has no {key!r} object; an official LEO "
+                              f"config.json has vision_config_1, vision_config_2 and llm_config")
+    return hf[key]
+
+
+def _config_from_official(hf: dict) -> LeoConfig:
+    """LeoConfig from the official fields alone (a checkpoint written by the official LEO code)."""
+    vision_1, vision_2, llm_hf = (_sub_config(hf, k) for k in ("vision_config_1", "vision_config_2", "llm_config"))
+    if hf.get("ps_version", "v2") != "v2":
+        raise ConversionError(f"config.json: ps_version={hf['ps_version']!r} is not supported (only 'v2', the "
+                              f"pixel shuffle LEO trains with)")
+    arch = (llm_hf.get("architectures") or ["InternLM2ForCausalLM"])[0]
+    if arch not in LLM_ARCHITECTURES:
+        raise ConversionError(f"config.json: llm_config.architectures[0]={arch!r} is not supported; use one of "
+                              f"{sorted(LLM_ARCHITECTURES)}")
+    context_id = hf.get("img_context_token_id")  # the official code sets it from the tokenizer at run time
+    projector = {"layer_norm": True, "act": "gelu", "norm_eps": 1e-5, "dtype": "float32", "param_dtype": "float32"}
+    try:
+        intern_cfg = dataclasses.replace(intern_vit.original_config_from_hf(vision_1),
+                                         output_layer=int(hf.get("select_layer", -1)))
+        cfg = LeoConfig(intern_vit=dataclasses.asdict(intern_cfg),
+                        sam=dataclasses.asdict(sam.config_from_hf(vision_2)),
+                        llm=dataclasses.asdict(llm._llm_config_from_hf(llm_hf, LLM_ARCHITECTURES[arch])),
+                        projector=projector, intern_unshuffle=float(hf.get("downsample_ratio", 0.5)),
+                        sam_unshuffle=int(hf.get("downsample_ratio2", 4)),
+                        image_context_id=-1 if context_id is None else int(context_id))
+    except ConversionError:
+        raise
+    except ValueError as e:
+        raise ConversionError(f"config.json describes no valid LEO model: {e}") from e
+    return canonical(cfg)
+
+
+def config_from_hf(hf: dict) -> LeoConfig:
+    if LEO_JAX_KEY not in hf:
+        return _config_from_official(hf)
+    try:
+        cfg = canonical(LeoConfig.from_config(hf[LEO_JAX_KEY], f"config.json:{LEO_JAX_KEY}"))
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    # the official fields are what PyTorch users read: they must describe the same model
+    for field, ours in (("downsample_ratio", cfg.intern_unshuffle), ("downsample_ratio2", cfg.sam_unshuffle)):
+        if field in hf and hf[field] != ours:
+            raise ConversionError(f"config.json: {field}={hf[field]!r} disagrees with {LEO_JAX_KEY} ({ours!r}); "
+                                  f"re-export the model instead of editing one of them")
+    return cfg
+
+
+def with_dtype(cfg: LeoConfig, dtype: str | None, param_dtype: str | None) -> LeoConfig:
+    """Compute / storage dtype for every part (encoders, projectors, LLM); None keeps each part's own."""
+    cfg = canonical(cfg)
+
+    def set_dtypes(fields: dict) -> dict:
+        return {**fields, "dtype": dtype or fields["dtype"], "param_dtype": param_dtype or fields["param_dtype"]}
+
+    return dataclasses.replace(cfg, intern_vit=set_dtypes(cfg.intern_vit), sam=set_dtypes(cfg.sam),
+                               llm=set_dtypes(cfg.llm), projector=set_dtypes(cfg.projector))
+
+
+# ---- tensor names --------------------------------------------------------------------------------------------------
+
+def _projector_rules(hf_prefix: str, jax_prefix: str) -> list[Rule]:
+    index = torch_projector_names(layer_norm=True)
+    return [*norm(hf_prefix + index["norm"], jax_prefix + "norm"),
+            *linear_with_bias(hf_prefix + index["mlp.fc1"], jax_prefix + "mlp/fc1", None),
+            *linear_with_bias(hf_prefix + index["mlp.fc2"], jax_prefix + "mlp/fc2", None)]
+
+
+def rules(cfg: LeoConfig) -> list[Rule]:
+    _check_official_projector(cfg)
+    llm_cfg = cfg.llm_config
+    if llm_cfg.family not in LLM_RULES:
+        raise ConversionError(f"config.model.llm.family={llm_cfg.family!r} has no official LEO layout; use one of "
+                              f"{sorted(LLM_RULES)}")
+    sam_rules = [dataclasses.replace(r, hf=tuple(n.removeprefix(sam.PREFIX) for n in r.hf))
+                 for r in sam.rules(cfg.sam_config)]
+    return [*prefixed(intern_vit.original_rules(cfg.intern_vit_config), "vision_model_1.", "intern_vit/"),
+            *prefixed(sam_rules, "vision_model_2.", "sam/"),
+            *_projector_rules("mlp1.", "projector_intern/"),
+            *_projector_rules("mlp2.", "projector_sam/"),
+            *prefixed(LLM_RULES[llm_cfg.family](llm_cfg), "language_model.", "llm/")]
+
+
+LEO = register(Family(
+    name="leo", model_types=(MODEL_TYPE,), config_cls=LeoConfig, config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf, build=Leo, rules=rules, ignored_hf=("rotary_emb.inv_freq",), with_dtype=with_dtype))
+
+
+# ---- components ----------------------------------------------------------------------------------------------------
+
+def export_components(model: Leo, out_dir: str | os.PathLike, dtype: str | None = None) -> dict[str, Path]:
+    """Each part of a LEO model as its own Hugging Face directory: 'llm' (its family's layout: InternLM2 original
+    names, or Llama/Qwen2 for transformers), 'intern_vit' (transformers InternVLVisionModel), 'sam' (transformers
+    SamVisionModel). Returns {part: directory}."""
+    out = Path(out_dir)
+    parts: dict[str, tuple[Any, str]] = {"llm": (model.llm, model.cfg.llm_config.family),
+                                         "intern_vit": (model.intern_vit, "intern_vit"),
+                                         "sam": (model.sam, "sam_vision")}
+    return {name: export_module(module, family, out / name, dtype) for name, (module, family) in parts.items()}
