@@ -200,3 +200,30 @@ def test_per_type_accuracy(val_records):
     assert always_yes["exists"]["uniform_accuracy"] == 0.5
     with pytest.raises(ValueError, match="got 1 predictions for 1000 records"):
         synthetic.per_type_accuracy(val_records, ["yes"])
+
+
+def test_follow_up_questions_are_answerable_and_correct():
+    """follow_ups=3: every single-question record asks 3 more questions about its image, of every evaluated type,
+    all correct for the scene (independent solver); the first questions stay balanced per type."""
+    records = synthetic.generate_records(600, seed=3, follow_ups=3, multi_turn_fraction=0.05)
+    follow_up_types, exists_answers = collections.Counter(), collections.Counter()
+    for record in records:
+        turns = record["conversations"]
+        if record["question_type"] in synthetic.QUESTION_TYPES:
+            assert len(turns) == 2 * 4 and turns[0]["value"].startswith("<image>\n")
+            assert all("<image>" not in t["value"] for t in turns[1:])
+            for question in turns[2::2]:
+                kind = next(k for k in synthetic.QUESTION_TYPES
+                            if re.fullmatch(re.sub(r"\\{\w+\\}", r"\\w+", re.escape(synthetic.QUESTION_TEMPLATES[k])),
+                                            question["value"]))
+                follow_up_types[kind] += 1
+        for question, answer in zip(turns[0::2], turns[1::2]):
+            assert solve(question["value"], record.get("scenes")) == answer["value"], record["id"]
+            if question["value"].startswith("Are there any"):
+                exists_answers[answer["value"]] += 1
+    assert set(follow_up_types) == set(synthetic.QUESTION_TYPES)
+    assert 0.35 < exists_answers["yes"] / sum(exists_answers.values()) < 0.65
+    levels = synthetic.chance_levels(records)
+    assert all(abs(level["majority_accuracy"] - level["uniform_accuracy"]) < 0.05 for level in levels.values())
+    with pytest.raises(ValueError, match="follow_ups must be >= 0"):
+        synthetic.generate_records(10, seed=0, follow_ups=-1)

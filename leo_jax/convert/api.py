@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import jax
 from flax import nnx
 
 from leo_jax.config import dataclass_from_config
-from leo_jax.convert.core import (NUMPY_DTYPES, Family, HFCheckpoint, SafetensorsWriter, detect_family,
+from leo_jax.convert.core import (NUMPY_DTYPES, ConversionError, Family, HFCheckpoint, SafetensorsWriter, detect_family,
                                   export_tensors, get_family, import_params, load_leo_params, read_leo_meta,
                                   save_leo_checkpoint)
 
@@ -49,7 +48,7 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, family: str | None
               param_dtype: str = "float32") -> Path:
     """HF directory -> leo_jax checkpoint directory (Orbax params + leo_model.json)."""
     ckpt, fam, cfg = _open(src, family)
-    cfg = fam.with_dtype(cfg, cfg.dtype, param_dtype)
+    cfg = fam.with_dtype(cfg, getattr(cfg, "dtype", None), param_dtype)  # whole models: None keeps each part's
     params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
     return save_leo_checkpoint(out, fam, cfg, params, ckpt.config, ckpt.dtype())
 
@@ -60,7 +59,7 @@ def load_leo(ckpt_dir: str | os.PathLike, dtype: str | None = None) -> nnx.Modul
     fam = get_family(meta["family"])
     cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{ckpt_dir}/leo_model.json:model")
     if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype)
+        cfg = fam.with_dtype(cfg, dtype, getattr(cfg, "param_dtype", None))
     return module_from_params(fam, cfg, load_leo_params(ckpt_dir))
 
 
@@ -70,6 +69,26 @@ def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype
     fam = get_family(family)
     params = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     return _write_hf(fam, module.cfg, params, out, dtype, hf_config or {}, max_shard_bytes)
+
+
+def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+                   components: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """The model of a training checkpoint as one directory (its kind's family: 'leo' in the official LEO layout,
+    'leo_mini', or the LLM's own family) and, with `components`, each part as a Hugging Face directory under
+    out/components/ (the whole-model family module's `export_components`)."""
+    import importlib
+
+    from leo_jax.train.checkpoint import load_trained
+
+    model, config = load_trained(str(ckpt))
+    kind = config.model.kind
+    family = model.cfg.family if kind == "llm" else kind
+    path = export_module(model, family, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    if components:
+        if kind == "llm":
+            raise ConversionError("--components applies to LEO / LEO-MINI checkpoints; an LLM is one component")
+        importlib.import_module(f"leo_jax.convert.{kind}").export_components(model, Path(out) / "components", dtype)
+    return path
 
 
 def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,

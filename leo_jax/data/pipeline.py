@@ -121,14 +121,18 @@ class SampleTransform:
 
     Holds only plain config values; the tokenizer and preprocessors are built lazily in whichever process runs it
     (Grain pickles the transform into its workers).
+
+    generation_prompt: inference mode (leo_jax.infer.chat): the conversation ends with a human turn and is encoded
+    up to where the answer starts (`add_generation_prompt`), so it needs no supervised token.
     """
 
-    def __init__(self, data_config, model_kind: str, training: bool):
+    def __init__(self, data_config, model_kind: str, training: bool, generation_prompt: bool = False):
         if model_kind not in MODEL_KINDS:
             raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
         self.config = data_config
         self.model_kind = model_kind
         self.training = training
+        self.generation_prompt = generation_prompt
         self._tokenizer = None
         self._preprocessors: dict[str, Any] | None = None
         self._setup: VisualSetup | None = None
@@ -190,13 +194,14 @@ class SampleTransform:
         if n_items > self.setup.capacity:
             raise _SkipSample(TOO_MANY_IMAGES, f"{n_items} visual items > {self.setup.capacity} slots per row")
         try:
-            encoded = templates.encode_conversation(conversations, self.tokenizer, self.config.template, token_counts)
+            encoded = templates.encode_conversation(conversations, self.tokenizer, self.config.template, token_counts,
+                                                    add_generation_prompt=self.generation_prompt)
         except ValueError as e:
             raise _SkipSample(BAD_CONVERSATION, str(e)) from e
         length = len(encoded.input_ids)
         if length > self.config.seq_len:
             raise _SkipSample(TOO_LONG, f"{length} tokens > seq_len {self.config.seq_len}")
-        if not np.asarray(encoded.loss_mask)[1:].any():
+        if not self.generation_prompt and not np.asarray(encoded.loss_mask)[1:].any():
             raise _SkipSample(NO_SUPERVISED_TOKENS, "no assistant token to predict")
         sample = {
             "input_ids": np.asarray(encoded.input_ids, np.int32),
@@ -243,8 +248,11 @@ class SampleTransform:
         return visual, [self.config.leo_mini.num_query_tokens] * len(images)
 
 
-def _decode_image(ref: str | bytes) -> Image.Image:
-    """Open an image from a path or encoded bytes as RGB; raises _SkipSample when missing or unreadable."""
+def _decode_image(ref: str | bytes | Image.Image) -> Image.Image:
+    """Open an image from a path or encoded bytes (or take an in-memory PIL image, for inference) as RGB; raises
+    _SkipSample when missing or unreadable."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
     if isinstance(ref, bytes) and not ref:
         raise _SkipSample(MISSING_IMAGE, "empty image bytes (the file was missing at conversion)")
     try:

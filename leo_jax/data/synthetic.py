@@ -2,8 +2,9 @@
 
     python -m leo_jax.data.synthetic --out DIR --num N [--seed S] [--val-num V] [--image-size PX]
 
-writes DIR/images/{train,val}/NNNNNN.png, DIR/data.json (train), DIR/val.json and DIR/info.json (the
-arguments and the chance level of every question type). Records follow LLaVA:
+writes DIR/images/{train,val}/NNNNNN.png, DIR/data.json (train), DIR/val.json, DIR/val.jsonl (the validation
+questions in the benchmark format of `python -m leo_jax.eval`) and DIR/info.json (the arguments and the chance
+level of every question type). Records follow LLaVA:
 {"id", "image" (path relative to DIR, or a list of them), "conversations": [{"from": "human", "value":
 "<image>\\n..."}, {"from": "gpt", "value": "red"}], "question_type", "scenes"}. `scenes` describes
 every object of each image (shape, color, grid cell, centre, radius in pixels) so answers can be checked.
@@ -181,6 +182,40 @@ def _question_for_answer(rng, question_type, answer, image_size):
     return scene, params
 
 
+def _follow_up(rng, scene):
+    """(question, answer) of one more evaluated-type question about `scene`, of a random type that the scene can
+    answer (colour / shape need an object whose shape / colour is unique; position two unique objects in different
+    columns); exists asks about a present or an absent object with equal odds."""
+    objects = scene["objects"]
+    pairs = [(o["shape"], o["color"]) for o in objects]
+    shape_counts = collections.Counter(shape for shape, _ in pairs)
+    color_counts = collections.Counter(color for _, color in pairs)
+    unique = [o for o in objects if pairs.count((o["shape"], o["color"])) == 1]
+    apart = [(a, b) for a in unique for b in unique if a["col"] != b["col"]]
+    for question_type in (QUESTION_TYPES[i] for i in rng.permutation(len(QUESTION_TYPES))):
+        if question_type == "color" and 1 in shape_counts.values():
+            single = [s for s, n in sorted(shape_counts.items()) if n == 1]
+            params = {"shape": single[rng.integers(len(single))]}
+        elif question_type == "shape" and 1 in color_counts.values():
+            single = [c for c, n in sorted(color_counts.items()) if n == 1]
+            params = {"color": single[rng.integers(len(single))]}
+        elif question_type == "count":
+            present = sorted(shape_counts)
+            params = {"shape": present[rng.integers(len(present))]}
+        elif question_type == "position" and apart:
+            a, b = apart[rng.integers(len(apart))]
+            params = {"shape": a["shape"], "color": a["color"], "other_shape": b["shape"], "other_color": b["color"]}
+        elif question_type == "exists":
+            absent = [p for p in ALL_PAIRS if p not in pairs]
+            pool = pairs if rng.random() < 0.5 else absent
+            shape, color = pool[rng.integers(len(pool))]
+            params = {"shape": shape, "color": color}
+        else:
+            continue
+        return QUESTION_TEMPLATES[question_type].format(**params), answer_from_scene(scene, question_type, **params)
+    raise AssertionError("unreachable: a count question fits every scene")
+
+
 def _turns(question, answer, num_images):
     return [{"from": "human", "value": (IMAGE_PLACEHOLDER + "\n") * num_images + question},
             {"from": "gpt", "value": answer}]
@@ -211,14 +246,20 @@ def _random_scene(rng, image_size):
 
 def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = "train",
                      multi_turn_fraction: float = 0.0, multi_image_fraction: float = 0.0,
-                     text_only_fraction: float = 0.0) -> list[dict]:
+                     text_only_fraction: float = 0.0, follow_ups: int = 0) -> list[dict]:
     """LLaVA records; each with images has 'scenes', the scene of each of its images in order.
+
+    `follow_ups` more questions (random answerable evaluated types, see _follow_up) are appended to every
+    single-question record: more supervision per image encoded, which a model trained from scratch needs most.
+    The record's question_type and the balance of answers are those of its first question.
 
     Deterministic in all arguments. Image paths are `images/{split}/{index:06d}.png` (multi-image
     samples: `..._{k}.png`).
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    if follow_ups < 0:
+        raise ValueError(f"follow_ups must be >= 0, got {follow_ups}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
     _check_fractions(multi_turn_fraction=multi_turn_fraction, multi_image_fraction=multi_image_fraction,
@@ -253,13 +294,15 @@ def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = 
                 scene, params = _question_for_answer(rng, first_type, first_answer, image_size)
                 turns = _turns(QUESTION_TEMPLATES[first_type].format(**params), first_answer, num_images=1)
                 shape, color = ALL_PAIRS[rng.integers(len(ALL_PAIRS))]
-                follow_ups = [("total", {}), ("exists", {"shape": shape, "color": color})]
-                for follow_type, follow_params in (follow_ups[i] for i in rng.permutation(2)):
+                extra_turns = [("total", {}), ("exists", {"shape": shape, "color": color})]
+                for follow_type, follow_params in (extra_turns[i] for i in rng.permutation(2)):
                     turns += _turns(QUESTION_TEMPLATES[follow_type].format(**follow_params),
                                     answer_from_scene(scene, follow_type, **follow_params), num_images=0)
             else:
                 scene, params = _question_for_answer(rng, question_type, answer, image_size)
                 turns = _turns(QUESTION_TEMPLATES[question_type].format(**params), answer, num_images=1)
+                for _ in range(follow_ups):
+                    turns += _turns(*_follow_up(rng, scene), num_images=0)
             record["image"] = f"images/{split}/{index:06d}.png"
             record["conversations"] = turns
             record["scenes"] = [scene]
@@ -274,7 +317,7 @@ def chance_levels(records) -> dict[str, dict]:
     answers = collections.defaultdict(list)
     for record in records:
         if record["question_type"] in ANSWERS:
-            answers[record["question_type"]].append(record["conversations"][-1]["value"])
+            answers[record["question_type"]].append(record["conversations"][1]["value"])
     levels = {}
     for question_type in QUESTION_TYPES:
         if not answers[question_type]:
@@ -308,7 +351,7 @@ def per_type_accuracy(records, predictions) -> dict[str, dict]:
     correct = collections.Counter()
     for record, prediction in zip(records, predictions):
         if record["question_type"] in ANSWERS:
-            target = record["conversations"][-1]["value"]
+            target = record["conversations"][1]["value"]
             correct[record["question_type"]] += normalize_answer(prediction) == target
     levels = chance_levels(records)
     return {t: {"num": level["num"], "accuracy": correct[t] / level["num"],
@@ -342,6 +385,14 @@ def _write_json(path, value):
         f.write("\n")
 
 
+def benchmark_record(record: dict) -> dict:
+    """A record's first question in the benchmark format of `python -m leo_jax.eval`: id, question (without the
+    image placeholder), image, answers, question_type."""
+    question, answer = (turn["value"] for turn in record["conversations"][:2])
+    return {"id": record["id"], "question": question.replace(IMAGE_PLACEHOLDER + "\n", ""), "image": record["image"],
+            "answers": [answer], "question_type": record["question_type"]}
+
+
 def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> list[dict]:
     """Generates one split, writes its PNGs under out_dir/images/split/, returns its records."""
     records = generate_records(num, seed, split=split, **options)
@@ -355,20 +406,23 @@ def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> lis
 
 def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, image_size: int = 64,
                   multi_turn_fraction: float = 0.05, multi_image_fraction: float = 0.02,
-                  text_only_fraction: float = 0.05) -> dict:
+                  text_only_fraction: float = 0.05, follow_ups: int = 0) -> dict:
     """Writes data.json (train: evaluated types + multi-turn, multi-image and text-only samples),
-    val.json (evaluated types only) with their images, and info.json (arguments, chance levels);
-    returns the info dict."""
+    val.json (evaluated types only) with their images, val.jsonl (val.json as benchmark records) and
+    info.json (arguments, chance levels); returns the info dict."""
     os.makedirs(out_dir, exist_ok=True)
     train = write_split(out_dir, "train", num, seed, image_size=image_size, multi_turn_fraction=multi_turn_fraction,
-                        multi_image_fraction=multi_image_fraction, text_only_fraction=text_only_fraction)
+                        multi_image_fraction=multi_image_fraction, text_only_fraction=text_only_fraction,
+                        follow_ups=follow_ups)
     val = write_split(out_dir, "val", val_num, seed, image_size=image_size)
     _write_json(os.path.join(out_dir, "data.json"), train)
     _write_json(os.path.join(out_dir, "val.json"), val)
+    with open(os.path.join(out_dir, "val.jsonl"), "w") as f:
+        f.writelines(json.dumps(benchmark_record(record)) + "\n" for record in val)
     info = {
         "num": num, "val_num": val_num, "seed": seed, "image_size": image_size,
         "multi_turn_fraction": multi_turn_fraction, "multi_image_fraction": multi_image_fraction,
-        "text_only_fraction": text_only_fraction,
+        "text_only_fraction": text_only_fraction, "follow_ups": follow_ups,
         "question_types": list(QUESTION_TYPES), "answers": ANSWERS,
         "chance_train": chance_levels(train), "chance_val": chance_levels(val),
     }
@@ -394,6 +448,8 @@ def main(argv=None) -> int:
     parser.add_argument("--multi-turn-fraction", type=float, default=0.05)
     parser.add_argument("--multi-image-fraction", type=float, default=0.02)
     parser.add_argument("--text-only-fraction", type=float, default=0.05)
+    parser.add_argument("--follow-ups", type=int, default=0,
+                        help="extra questions about the same image in each single-question training sample")
     args = parser.parse_args(argv)
     if args.val_num < 1:
         parser.error(f"--val-num must be >= 1, got {args.val_num}")
@@ -401,11 +457,12 @@ def main(argv=None) -> int:
         info = write_dataset(args.out, args.num, args.seed, val_num=args.val_num, image_size=args.image_size,
                              multi_turn_fraction=args.multi_turn_fraction,
                              multi_image_fraction=args.multi_image_fraction,
-                             text_only_fraction=args.text_only_fraction)
+                             text_only_fraction=args.text_only_fraction, follow_ups=args.follow_ups)
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {args.num} training samples to {os.path.join(args.out, 'data.json')} and "
-          f"{args.val_num} validation samples to {os.path.join(args.out, 'val.json')}")
+          f"{args.val_num} validation samples to {os.path.join(args.out, 'val.json')} (benchmark format for "
+          f"`python -m leo_jax.eval`: {os.path.join(args.out, 'val.jsonl')})")
     print("chance level per question type (validation set):")
     print(format_chance_table(info["chance_val"]))
     return 0

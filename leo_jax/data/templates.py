@@ -3,8 +3,11 @@
 A conversation is rendered to one string (as chat templates do), tokenized once, and each token is
 labelled by the character span it covers: tokens of an assistant answer and of the terminator that
 ends it are supervised (`loss_mask`), tokens of user text are the prompt (`prompt_mask`, the text
-LEO-MINI's CoTR and router condition on). Inference renders the same string up to the assistant
-header (`add_generation_prompt=True`), so training and generation see identical prompt tokens.
+LEO-MINI's CoTR and router condition on). Inference (`add_generation_prompt=True`) renders the
+conversation with a stand-in answer and keeps the tokens before the first answer token, so training
+and generation see identical prompt tokens even where a tokenizer merges the header's trailing
+whitespace differently at the end of a string (byte-level BPE: "\n\n" alone is one token, "\n\nred"
+is "\n", "\n", "red").
 
 Each `<image>` in a user turn becomes IMG_START + n * IMG_CONTEXT + IMG_END, n taken in order from
 `image_token_counts` (LEO: 512 per tile; LEO-MINI: the CoTR query count, e.g. 64).
@@ -27,6 +30,9 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 IMAGE_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)
 IMAGE_PLACEHOLDER = "<image>"
 EOS = "{eos}"  # in a template field: the tokenizer's EOS token
+# Stands in for the answer when rendering a generation prompt (cut off again before its first token): a
+# word, as answers usually start, so the header's last tokens come out as they did before answers in training.
+GENERATION_PROBE = "Answer"
 
 INTERNVL_SYSTEM_PROMPT = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                           "是一个有用无害的人工智能助手。")
@@ -44,8 +50,8 @@ class ConversationTemplate:
 
     Rendered text: prefix, system block (if any), then per exchange
     user.format(content) + assistant_header + answer_separator + answer + answer_end + after_answer.
-    Supervised: answer_separator, answer and answer_end. A generation prompt ends right after
-    assistant_header.
+    Supervised: answer_separator, answer and answer_end. A generation prompt ends where the answer's
+    first token would start (after assistant_header; see encode_conversation).
     """
 
     name: str
@@ -200,7 +206,7 @@ def _normalise_turns(conversations, template: ConversationTemplate, add_generati
     return system, exchanges
 
 
-def _render(template, tokenizer, system_prompt, exchanges, add_generation_prompt):
+def _render(template, tokenizer, system_prompt, exchanges):
     """Returns (text, user_spans, answer_spans): character spans of user content and supervised text."""
     pieces: list[tuple[str, str]] = [(template.prefix, "template")]
     if system_prompt and template.system:
@@ -217,8 +223,6 @@ def _render(template, tokenizer, system_prompt, exchanges, add_generation_prompt
             # (SentencePiece's lone "▁"), which generation, starting after the header, must produce.
             pieces += [(template.assistant_header, "template"), (template.answer_separator, "answer"),
                        (answer, "answer"), (answer_end, "answer"), (template.after_answer, "template")]
-    if add_generation_prompt:
-        pieces.append((template.assistant_header, "template"))
 
     image_tags = IMG_START + IMG_CONTEXT + IMG_END
     text_parts, user_spans, answer_spans, pos = [], [], [], 0
@@ -253,7 +257,8 @@ def encode_conversation(conversations: Sequence[dict], tokenizer: Tokenizer, tem
 
     image_token_counts: visual tokens of each `<image>`, in order of appearance (one entry per image).
     system_prompt: None -> a leading 'system' turn, else the template's default; '' -> no system block.
-    add_generation_prompt: end with the assistant header (the conversation must end with a human turn).
+    add_generation_prompt: end where the assistant's answer starts (the conversation must end with a
+    human turn): the tokens before the first answer token, as in the training encoding.
     Raises ValueError naming the problem for malformed conversations, placeholder/image count
     mismatches, and template or image tokens the tokenizer lacks.
     """
@@ -279,11 +284,17 @@ def encode_conversation(conversations: Sequence[dict], tokenizer: Tokenizer, tem
     if missing:
         raise ValueError(missing_tokens_message(missing, tokenizer, template))
 
-    text, user_spans, answer_spans = _render(template, tokenizer, system_prompt, exchanges, add_generation_prompt)
+    if add_generation_prompt:
+        exchanges[-1][1] = GENERATION_PROBE
+    text, user_spans, answer_spans = _render(template, tokenizer, system_prompt, exchanges)
     ids, offsets = tokenizer.encode_with_offsets(text)
     ids = np.asarray(ids, np.int32)
     offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
     loss_mask = _tokens_in_spans(offsets, answer_spans, len(text))
+    if add_generation_prompt:  # keep what precedes the stand-in answer's first token
+        probe_start = answer_spans[-3][0]  # the last exchange's spans: separator, answer, terminator
+        cut = int(np.argmax(_tokens_in_spans(offsets, [(probe_start, len(text))], len(text))))
+        ids, offsets, loss_mask = ids[:cut], offsets[:cut], loss_mask[:cut]
     image_ids = [i for i in map(tokenizer.token_to_id, IMAGE_TOKENS) if i is not None]
     prompt_mask = _tokens_in_spans(offsets, user_spans, len(text)) & ~loss_mask & ~np.isin(ids, image_ids)
 

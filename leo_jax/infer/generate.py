@@ -1,16 +1,25 @@
-"""Autoregressive generation with the KV cache: one prefill, then a compiled decode loop (greedy or sampled)."""
+"""Autoregressive generation with the KV cache: one prefill, then either a compiled decode loop (`lax.scan`, for
+batch work) or a per-token decode step jitted once and driven from the host (streaming). Both run the same step
+function on the same per-step random keys, so they produce the same tokens.
+
+Entry points: `generate` (token ids of a plain LLM), `generate_from_batch` (a data-pipeline batch of any model:
+LEO / LEO-MINI write their visual tokens into the prompt embeddings and condition the MMoE routers) and
+`stream_from_batch` (the same, yielding each step's tokens as they are produced).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from leo_jax.models.llm.decoder import CausalLM
+from leo_jax.models.llm.decoder import CausalLM, DecoderCache
+from leo_jax.models.mmoe import RoutingContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,27 +71,63 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -
     return ids, seg
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _generate(graphdef, state, embeds, segment_ids, rng, routing, sampling: SamplingConfig):
-    model: CausalLM = nnx.merge(graphdef, state)
+def prompt_inputs(model: nnx.Module, batch: Mapping[str, jax.Array], lengths: jax.Array):
+    """Left-padded prompt embeddings [B, T, D], segment ids [B, T] and the per-sample routing context, for a batch
+    of one sample per row whose first `lengths[r]` tokens are row r's prompt (the rest is padding or the answer).
+
+    The embeddings come from the model's `embed_inputs` on the whole row, exactly as in training (images written
+    at the <IMG_CONTEXT> positions, CoTR conditioned on the prompt tokens only); then each row is shifted right so
+    that all prompts end at the last column."""
+    embeds, routing = model.embed_inputs(batch, deterministic=True)
+    b, t = batch["input_ids"].shape
+    shift = t - lengths  # row r's token j moves to column j + shift[r]
+    source = jnp.arange(t)[None, :] - shift[:, None]
+    valid = source >= 0
+    aligned = jnp.take_along_axis(embeds, jnp.clip(source, 0, t - 1)[..., None], axis=1)
+    aligned = jnp.where(valid[..., None], aligned, 0).astype(embeds.dtype)
+    if routing is not None:  # per-token context -> the sample's context (one sample per row), taken at its last token
+        last = jnp.maximum(lengths - 1, 0)[:, None, None]
+        routing = RoutingContext(*(jnp.take_along_axis(x, last, axis=1) for x in routing))
+    return aligned, valid.astype(jnp.int32), routing
+
+
+class DecodeState(NamedTuple):
+    """What one decode step carries: the last logits [B, V], the cache, each row's next position [B] and whether
+    the row has stopped [B]."""
+
+    logits: jax.Array
+    cache: DecoderCache
+    position: jax.Array
+    done: jax.Array
+
+
+def _prefill(model: CausalLM, embeds, segment_ids, routing, max_new_tokens: int) -> DecodeState:
     b, t = segment_ids.shape
-    cache = model.init_cache(b, t + sampling.max_new_tokens)
+    cache = model.init_cache(b, t + max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache, _ = model.forward(embeds, segment_ids=segment_ids, positions=positions, cache=cache,
                                      routing=routing)
-    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+    return DecodeState(logits[:, -1], cache, positions[:, -1] + 1, jnp.zeros((b,), bool))
 
-    def step(carry, step_rng):
-        logits_last, cache, position, done = carry
-        token = sample_token(logits_last, step_rng, sampling.temperature, sampling.top_p)
-        token = jnp.where(done, sampling.pad_id, token)
-        done = done | jnp.isin(token, eos)
-        next_logits, cache, _ = model.forward(model.embed(token[:, None]), segment_ids=jnp.ones((b, 1), jnp.int32),
-                                              positions=position[:, None], cache=cache, routing=routing)
-        return (next_logits[:, -1], cache, position + 1, done), token
 
-    init = (logits[:, -1], cache, positions[:, -1] + 1, jnp.zeros((b,), bool))
-    _, tokens = jax.lax.scan(step, init, jax.random.split(rng, sampling.max_new_tokens))
+def _step(model: CausalLM, state: DecodeState, step_rng, routing, sampling: SamplingConfig):
+    """Samples one token per row (pad after a stop id) and runs it through the model: (next state, tokens [B])."""
+    b = state.done.shape[0]
+    token = sample_token(state.logits, step_rng, sampling.temperature, sampling.top_p)
+    token = jnp.where(state.done, sampling.pad_id, token)
+    done = state.done | jnp.isin(token, jnp.asarray(sampling.eos_ids or (-1,), jnp.int32))
+    logits, cache, _ = model.forward(model.embed(token[:, None]), segment_ids=jnp.ones((b, 1), jnp.int32),
+                                     positions=state.position[:, None], cache=state.cache, routing=routing)
+    return DecodeState(logits[:, -1], cache, state.position + 1, done), token
+
+
+@partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def _generate(graphdef, state, embeds, segment_ids, rng, routing, sampling: SamplingConfig):
+    """New tokens [B, max_new_tokens] of the language model (graphdef, state) for left-padded prompt embeddings."""
+    model: CausalLM = nnx.merge(graphdef, state)
+    init = _prefill(model, embeds, segment_ids, routing, sampling.max_new_tokens)
+    _, tokens = jax.lax.scan(lambda carry, key: _step(model, carry, key, routing, sampling), init,
+                             jax.random.split(rng, sampling.max_new_tokens))
     return tokens.T
 
 
@@ -99,3 +144,51 @@ def generate(model: CausalLM, input_ids: np.ndarray, segment_ids: np.ndarray | N
     embeds = model.embed(input_ids) if embeds is None else embeds
     rng = jax.random.key(0) if rng is None else rng
     return np.asarray(_generate(graphdef, state, embeds, segment_ids, rng, routing, sampling))
+
+
+# --- from data-pipeline batches (any model kind) -----------------------------------------------------------------
+
+@partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def _generate_batch(graphdef, states, batch, lengths, rng, sampling: SamplingConfig):
+    model = nnx.merge(graphdef, *states)
+    embeds, segments, routing = prompt_inputs(model, batch, lengths)
+    lm_graphdef, lm_state = nnx.split(model.language_model)
+    return _generate(lm_graphdef, lm_state, embeds, segments, rng, routing, sampling)
+
+
+def generate_from_batch(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[str, jax.Array], lengths,
+                        sampling: SamplingConfig, rng: jax.Array | None = None) -> jax.Array:
+    """New tokens [B, max_new_tokens] for a batch of one sample per row (the data pipeline's collated layout),
+    row r's prompt being its first lengths[r] tokens. `states`: the model's state(s), as nnx.merge takes them
+    (e.g. (trainable, frozen)). One compilation per (model structure, batch shapes, sampling)."""
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate_batch(graphdef, tuple(states), dict(batch), jnp.asarray(lengths, jnp.int32), rng, sampling)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _prefill_batch(graphdef, states, batch, lengths, max_new_tokens: int):
+    model = nnx.merge(graphdef, *states)
+    embeds, segments, routing = prompt_inputs(model, batch, lengths)
+    return _prefill(model.language_model, embeds, segments, routing, max_new_tokens), routing
+
+
+@partial(jax.jit, static_argnames=("lm_graphdef", "sampling"), donate_argnames=("decode_state",))
+def _decode_step(lm_graphdef, lm_state, decode_state: DecodeState, step_rng, routing, sampling: SamplingConfig):
+    return _step(nnx.merge(lm_graphdef, lm_state), decode_state, step_rng, routing, sampling)
+
+
+def stream_from_batch(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[str, jax.Array], lengths,
+                      sampling: SamplingConfig, rng: jax.Array | None = None) -> Iterator[np.ndarray]:
+    """Like `generate_from_batch`, but yields each step's tokens [B] as soon as they are computed (one jitted
+    prefill, then one jitted decode step per token, driven from the host); stops early once every row is done.
+    Uses the same per-step keys as the compiled loop, so it yields the same tokens."""
+    rng = jax.random.key(0) if rng is None else rng
+    states = tuple(states)
+    decode_state, routing = _prefill_batch(graphdef, states, dict(batch), jnp.asarray(lengths, jnp.int32),
+                                           sampling.max_new_tokens)
+    lm_graphdef, lm_state = nnx.split(nnx.merge(graphdef, *states).language_model)
+    for key in jax.random.split(rng, sampling.max_new_tokens):
+        decode_state, token = _decode_step(lm_graphdef, lm_state, decode_state, key, routing, sampling)
+        yield np.asarray(token)
+        if bool(decode_state.done.all()):
+            return

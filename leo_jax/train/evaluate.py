@@ -4,8 +4,8 @@ the built-in synthetic set, overall otherwise).
 Each validation batch comes from the data pipeline's eval iterator (one sample per row, full conversation). The
 prompt of a row is its tokens up to the first supervised position (the assistant's answer starts right after), so
 the model sees exactly what it saw in training: images written into the embeddings by `embed_inputs`, CoTR and the
-MMoE routers conditioned on the prompt tokens only. The prompt embeddings are left-aligned and decoded greedily by
-`leo_jax.infer.generate`; the answer is compared with the first assistant turn of the record.
+MMoE routers conditioned on the prompt tokens only. `leo_jax.infer.generate.generate_from_batch` left-aligns the
+prompts and decodes greedily; the answer is compared with the first assistant turn of the record.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ import json
 import logging
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from leo_jax.data import pipeline, synthetic, templates
-from leo_jax.infer.generate import SamplingConfig, _generate
-from leo_jax.models.mmoe import RoutingContext
+from leo_jax.infer.chat import decode_answer
+from leo_jax.infer.generate import SamplingConfig, generate_from_batch
 from leo_jax.train.step import device_batch
-
-decode = _generate.__wrapped__  # the un-jitted greedy/sampling loop of leo_jax.infer.generate
 
 logger = logging.getLogger("leo_jax.train")
 
@@ -51,43 +47,18 @@ def prompt_lengths(loss_mask: np.ndarray) -> np.ndarray:
     return np.where(has, np.argmax(loss_mask > 0, axis=1) + 1, 0).astype(np.int32)
 
 
-def prompt_inputs(model: nnx.Module, batch: Mapping[str, jax.Array], lengths: jax.Array):
-    """Left-aligned prompt embeddings [B, T, D], segment ids [B, T] and the per-sample routing context."""
-    embeds, routing = model.embed_inputs(batch, deterministic=True)
-    b, t = batch["input_ids"].shape
-    shift = t - lengths  # row r's token j moves to column j + shift[r]
-    source = jnp.arange(t)[None, :] - shift[:, None]
-    valid = source >= 0
-    aligned = jnp.take_along_axis(embeds, jnp.clip(source, 0, t - 1)[..., None], axis=1)
-    aligned = jnp.where(valid[..., None], aligned, 0).astype(embeds.dtype)
-    if routing is not None:  # per-token context -> the sample's context (one sample per row), taken at its last token
-        last = jnp.maximum(lengths - 1, 0)[:, None, None]
-        routing = RoutingContext(*(jnp.take_along_axis(x, last, axis=1) for x in routing))
-    return aligned, valid.astype(jnp.int32), routing
-
-
 class Evaluator:
-    """Greedy answers on the validation split -> {'eval/exact_match', 'eval/<type>/accuracy', ...}.
-
-    Compiles once per model structure (the jitted functions close over the graphdef, whose config may hold dicts
-    and so cannot be a static jit argument)."""
+    """Greedy answers on the validation split -> {'eval/exact_match', 'eval/<type>/accuracy', ...}; compiles once
+    per model structure and batch shape."""
 
     def __init__(self, graphdef: nnx.GraphDef, data_config, model_kind: str, *, max_batches: int,
                  max_new_tokens: int):
+        self.graphdef = graphdef
         self.data_config, self.model_kind, self.max_batches = data_config, model_kind, max_batches
         self.tokenizer = pipeline.prepare_tokenizer(data_config)
         self.raw_records = load_annotation_records(data_config.eval_files or data_config.train_files)
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(templates.stop_token_ids(
             self.tokenizer, data_config.template)), pad_id=int(self.tokenizer.pad_id))
-
-        def answer(trainable, frozen, batch, lengths):
-            model = nnx.merge(graphdef, trainable, frozen)
-            embeds, segments, routing = prompt_inputs(model, batch, lengths)
-            lm_graphdef, lm_state = nnx.split(model.language_model)
-            # generate()'s compiled core, traced inside this jit (its own jit would need a hashable graphdef)
-            return decode(lm_graphdef, lm_state, embeds, segments, jax.random.key(0), routing, self.sampling)
-
-        self._answer = jax.jit(answer)
 
     def __call__(self, trainable, frozen) -> dict[str, float]:
         iterator = pipeline.make_eval_iterator(self.data_config, self.model_kind)
@@ -100,21 +71,13 @@ class Evaluator:
             rows = np.nonzero(lengths > 0)[0]
             if rows.size == 0:
                 continue
-            tokens = np.asarray(self._answer(trainable, frozen, device_batch(batch), lengths))
+            tokens = np.asarray(generate_from_batch(self.graphdef, (trainable, frozen), device_batch(batch), lengths,
+                                                    self.sampling))
             for r in rows:
-                predictions.append(_decode_answer(self.tokenizer, tokens[r], stop))
+                predictions.append(decode_answer(self.tokenizer, tokens[r], stop))
                 targets.append(_target_answer(self.tokenizer, batch, r, lengths[r], stop))
                 indices.append(int(batch["sample_index"][r, 0]))
         return answer_metrics(indices, predictions, targets, self.raw_records)
-
-
-def _decode_answer(tokenizer, tokens: np.ndarray, stop_ids) -> str:
-    out = []
-    for token in tokens.tolist():
-        if token in stop_ids:
-            break
-        out.append(token)
-    return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
 def _target_answer(tokenizer, batch: Mapping[str, np.ndarray], row: int, length: int, stop_ids) -> str:
@@ -122,7 +85,7 @@ def _target_answer(tokenizer, batch: Mapping[str, np.ndarray], row: int, length:
     mask = batch["loss_mask"][row] > 0
     start = length - 1
     end = start + int(np.argmin(mask[start:])) if not mask[start:].all() else mask.size
-    return _decode_answer(tokenizer, batch["labels"][row, start:end], stop_ids)
+    return decode_answer(tokenizer, batch["labels"][row, start:end], stop_ids)
 
 
 def answer_metrics(indices: list[int], predictions: list[str], targets: list[str],

@@ -1,0 +1,69 @@
+"""`python -m leo_jax.eval --ckpt DIR --data FILE.jsonl [--out DIR] [--batch-size N] [--limit N] [--metric NAME]`
+
+Answers every question of a benchmark JSONL file with the newest checkpoint under DIR (greedy, KV cache), scores
+the answers (leo_jax.eval.metrics) and writes OUT/predictions.jsonl and OUT/summary.json. The record format and the
+metric rules are in leo_jax/eval/benchmark.py; the built-in synthetic set writes one (DIR/synthetic/val.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from leo_jax.eval import benchmark, metrics
+
+
+def default_out_dir(step_dir, step: int, data: str) -> str:
+    """WORKDIR/eval/<data file stem>-step<step> (next to the checkpoints directory)."""
+    checkpoints = os.path.dirname(str(step_dir))
+    workdir = os.path.dirname(checkpoints) if os.path.basename(checkpoints) == "checkpoints" else checkpoints
+    stem = os.path.splitext(os.path.basename(data))[0]
+    return os.path.join(workdir, "eval", f"{stem}-step{step}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leo_jax.eval", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="training workdir, its checkpoints/ directory or a step dir")
+    parser.add_argument("--data", required=True, help="benchmark .jsonl (image paths relative to its directory)")
+    parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval/<data stem>-step<N>)")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generation call (default 8)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    parser.add_argument("--metric", default=benchmark.AUTO, choices=[benchmark.AUTO, *sorted(metrics.METRICS)],
+                        help="metric for records without a 'metric' field (default auto: multiple_choice with "
+                             "options, vqa_accuracy with >= 3 answers, else exact_match)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
+    parser.add_argument("--dtype", default=None, help="cast the parameters, e.g. bfloat16 (default: as saved)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size, --max-new-tokens and --limit must be >= 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+
+    from leo_jax.infer.chat import InferenceEngine, InputError
+    from leo_jax.train.checkpoint import find_checkpoint, load_trained
+
+    try:
+        records = benchmark.read_benchmark(args.data, args.metric, args.limit)
+        step_dir, step = find_checkpoint(args.ckpt)
+        model, config = load_trained(str(step_dir), dtype=args.dtype)
+        engine = InferenceEngine(model, config)
+        print(f"evaluating {step_dir} (step {step}) on {len(records)} records of {args.data}", file=sys.stderr)
+        predictions = benchmark.predict(engine, records, batch_size=args.batch_size,
+                                        max_new_tokens=args.max_new_tokens, progress=benchmark.print_progress)
+        lines = benchmark.score_predictions(records, predictions)
+    except (benchmark.BenchmarkError, InputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {**benchmark.summarize(records, lines), "checkpoint": str(step_dir), "step": step,
+               "data": os.path.abspath(args.data)}
+    out = args.out or default_out_dir(step_dir, step, args.data)
+    benchmark.write_results(out, lines, summary)
+    print(benchmark.format_summary(summary))
+    print(f"wrote {os.path.join(out, 'predictions.jsonl')} and {os.path.join(out, 'summary.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Benchmark evaluation of a trained checkpoint: JSONL questions -> greedy answers -> per-record scores and a summary.
+
+Input, one JSON object per line (image paths relative to the file's directory)::
+
+    {"id": "q1", "question": "What color is the square?", "image": "images/1.png" | ["a.png", "b.png"],
+     "answers": ["red", ...] | "answer": "red", "question_type": "color",            (optional)
+     "options": ["cat", "dog"] | {"A": "cat", "B": "dog"} (alias "choices"),          (optional, multiple choice)
+     "metric": "anls"}                                                                (optional)
+
+The metric of a record is its own `metric` field, else the `--metric` flag, else (auto) `multiple_choice` when the
+record has options, `vqa_accuracy` with 3 or more reference answers (VQA's annotator answers), else `exact_match`.
+Multiple-choice questions get their options appended as lettered lines and LLaVA's instruction to answer with the
+letter. Scores come from `leo_jax.eval.metrics`.
+
+Outputs: predictions.jsonl (id, question, prediction, references, metric, score, question_type) and summary.json
+(overall mean score, per metric and per question type, counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+from leo_jax.eval import metrics
+from leo_jax.infer.chat import InferenceEngine, Request
+
+AUTO = "auto"
+MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+class BenchmarkError(ValueError):
+    """A malformed benchmark file; the message names file:line and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkRecord:
+    id: str
+    question: str
+    images: tuple[str, ...]  # absolute paths
+    references: tuple[str, ...]
+    metric: str
+    question_type: str | None = None
+    options: Any = None  # list of option texts or letter -> text mapping
+    origin: str = ""  # file:line
+
+    def prompt(self) -> str:
+        """The question, with lettered options and the answer-with-a-letter instruction for multiple choice."""
+        if self.options is None:
+            return self.question
+        lines = [f"{letter}. {text}" for letter, text in sorted(metrics.option_map(self.options).items())]
+        return "\n".join([self.question, *lines, MULTIPLE_CHOICE_INSTRUCTION])
+
+    def metric_input(self, prediction: str) -> dict:
+        """The record as `metrics.score_record` takes it."""
+        out = {"prediction": prediction, "answers": list(self.references)}
+        if self.options is not None:
+            out["options"] = self.options
+        if self.question_type is not None:
+            out["question_type"] = self.question_type
+        return out
+
+
+def auto_metric(num_references: int, has_options: bool) -> str:
+    if has_options:
+        return "multiple_choice"
+    return "vqa_accuracy" if num_references >= 3 else "exact_match"
+
+
+def _field(obj: dict, name: str, types, where: str, required: bool = True):
+    if name not in obj:
+        if required:
+            raise BenchmarkError(f"{where}: missing field '{name}' (has {sorted(obj)}); each line needs 'question' "
+                                 "and 'answers' (list) or 'answer' (string), optionally 'image', 'id', "
+                                 "'question_type', 'options', 'metric'")
+        return None
+    value = obj[name]
+    if not isinstance(value, types):
+        raise BenchmarkError(f"{where}: field '{name}' has type {type(value).__name__}, expected "
+                             f"{' or '.join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))}")
+    return value
+
+
+def parse_record(obj: Any, where: str, base_dir: str, metric: str = AUTO) -> BenchmarkRecord:
+    """One benchmark line -> BenchmarkRecord; errors name `where` (file:line) and the field."""
+    if not isinstance(obj, dict):
+        raise BenchmarkError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    question = _field(obj, "question", str, where)
+    if "answers" in obj:
+        answers = _field(obj, "answers", (list, str), where)
+        references = [answers] if isinstance(answers, str) else answers
+    else:
+        references = [_field(obj, "answer", str, where)]
+    if not references or not all(isinstance(r, str) for r in references):
+        raise BenchmarkError(f"{where}: field 'answers' must be a non-empty list of strings, got {references!r}")
+    images = _field(obj, "image", (str, list), where, required=False) or []
+    images = [images] if isinstance(images, str) else images
+    paths = []
+    for image in images:
+        if not isinstance(image, str):
+            raise BenchmarkError(f"{where}: field 'image' must hold path strings, got {image!r}")
+        path = os.path.join(base_dir, image)
+        if not os.path.isfile(path):
+            raise BenchmarkError(f"{where}: field 'image': file {image!r} not found (looked for {path}; image paths "
+                                 "are relative to the data file's directory)")
+        paths.append(path)
+    options = obj.get("options", obj.get("choices"))
+    if options is not None:
+        try:
+            metrics.option_map(options)
+        except ValueError as e:
+            raise BenchmarkError(f"{where}: field 'options': {e}") from e
+    chosen = _field(obj, "metric", str, where, required=False) or metric
+    if chosen == AUTO:
+        chosen = auto_metric(len(references), options is not None)
+    if chosen not in metrics.METRICS:
+        raise BenchmarkError(f"{where}: metric {chosen!r} is unknown; choose one of {sorted(metrics.METRICS)}")
+    question_type = obj.get("question_type")
+    record_id = obj.get("id", where)
+    return BenchmarkRecord(id=str(record_id), question=question, images=tuple(paths), references=tuple(references),
+                           metric=chosen, question_type=None if question_type is None else str(question_type),
+                           options=options, origin=where)
+
+
+def read_benchmark(path: str, metric: str = AUTO, limit: int | None = None) -> list[BenchmarkRecord]:
+    """The records of a benchmark JSONL file (the first `limit` when given); blank lines are skipped."""
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"benchmark file {path} not found")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BenchmarkError(f"{where}: not valid JSON ({e.msg}); the file needs one JSON object per line "
+                                     "(JSONL)") from e
+            records.append(parse_record(obj, where, base_dir, metric))
+    if not records:
+        raise BenchmarkError(f"{path}: no records")
+    return records
+
+
+def predict(engine: InferenceEngine, records: Sequence[BenchmarkRecord], *, batch_size: int, max_new_tokens: int,
+            progress: Callable[[int, int, float], None] | None = None) -> list[str]:
+    """Greedy answers, `batch_size` questions per generation call (the last batch is filled up with repeats of its
+    last question, so every call has the same shape and compiles once per prompt-length bucket)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    sampling = engine.sampling(max_new_tokens=max_new_tokens)
+    answers: list[str] = []
+    started = time.perf_counter()
+    for start in range(0, len(records), batch_size):
+        chunk = list(records[start:start + batch_size])
+        requests = [Request.single(r.prompt(), r.images, origin=r.origin) for r in chunk]
+        requests += [requests[-1]] * (batch_size - len(requests))
+        answers += engine.generate(requests, sampling)[:len(chunk)]
+        if progress is not None:
+            progress(len(answers), len(records), time.perf_counter() - started)
+    return answers
+
+
+def score_predictions(records: Sequence[BenchmarkRecord], predictions: Sequence[str]) -> list[dict]:
+    """One output line per record: id, question, prediction, references, metric, score (and question_type,
+    options when present)."""
+    lines = []
+    for index, (record, prediction) in enumerate(zip(records, predictions, strict=True)):
+        value = metrics.score_record(record.metric_input(prediction), [record.metric], index)[record.metric]
+        line = {"id": record.id, "question": record.question, "prediction": prediction,
+                "references": list(record.references), "metric": record.metric, "score": value}
+        if record.question_type is not None:
+            line["question_type"] = record.question_type
+        if record.options is not None:
+            line["options"] = record.options
+        lines.append(line)
+    return lines
+
+
+def summarize(records: Sequence[BenchmarkRecord], lines: Sequence[dict]) -> dict:
+    """Overall mean score; per metric `metrics.score` of its records; per question type the mean score and count."""
+    by_metric: dict[str, list[dict]] = defaultdict(list)
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for record, line in zip(records, lines):
+        by_metric[record.metric].append(record.metric_input(line["prediction"]))
+        if record.question_type is not None:
+            by_type[record.question_type].append(line["score"])
+    return {
+        "num_samples": len(lines),
+        "score": sum(line["score"] for line in lines) / len(lines),
+        "per_metric": {name: metrics.score(group, [name]) for name, group in sorted(by_metric.items())},
+        "per_question_type": {name: {"num_samples": len(scores), "score": sum(scores) / len(scores)}
+                              for name, scores in sorted(by_type.items())},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"overall: {summary['score']:.4f} over {summary['num_samples']} samples"]
+    for name, result in summary["per_metric"].items():
+        lines.append(f"  metric {name:<20} {result['metrics'][name]:.4f}  (n={result['num_samples']})")
+    for name, result in summary["per_question_type"].items():
+        lines.append(f"  type   {name:<20} {result['score']:.4f}  (n={result['num_samples']})")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, lines: Sequence[dict], summary: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+
+
+def print_progress(done: int, total: int, seconds: float) -> None:
+    print(f"[eval] {done}/{total} samples ({done / max(seconds, 1e-9):.1f} samples/s)", file=sys.stderr, flush=True)
