@@ -13,9 +13,10 @@ from configs import common_train, tiny_leo_mini
 
 def synthetic_section(num: int = 10000, val_num: int = 250, multi_image_fraction: float = 0.0):
     """The built-in synthetic set to generate into the work directory (leo_jax.train.synthetic_data). Tiny LEO-MINI
-    has one image slot per row, so by default the set has no two-image questions (they would be skipped)."""
+    has one image slot per row, so by default the set has no two-image questions (they would be skipped).
+    `follow_ups` adds that many questions about the same image to each training sample (raise data.seq_len)."""
     return ml_collections.ConfigDict({"num": num, "val_num": val_num, "seed": 0, "image_size": 64,
-                                      "multi_image_fraction": multi_image_fraction, "dir": ""})
+                                      "multi_image_fraction": multi_image_fraction, "follow_ups": 0, "dir": ""})
 
 
 def get_config():

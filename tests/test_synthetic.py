@@ -227,3 +227,23 @@ def test_follow_up_questions_are_answerable_and_correct():
     assert all(abs(level["majority_accuracy"] - level["uniform_accuracy"]) < 0.05 for level in levels.values())
     with pytest.raises(ValueError, match="follow_ups must be >= 0"):
         synthetic.generate_records(10, seed=0, follow_ups=-1)
+
+
+def test_training_default_points_at_the_set_and_restores_its_benchmark_file(tmp_path):
+    """ensure_synthetic_data writes the set once, points data.* at it, and re-creates val.jsonl for a set written
+    before that file existed (identical to what write_dataset writes)."""
+    import ml_collections
+
+    from leo_jax.train.synthetic_data import ensure_synthetic_data
+
+    config = ml_collections.ConfigDict({"data": {"train_files": "", "eval_files": ""}, "synthetic": {
+        "num": 12, "val_num": 6, "seed": 0, "image_size": 32, "multi_image_fraction": 0.0, "follow_ups": 2, "dir": ""}})
+    ensure_synthetic_data(config, str(tmp_path))
+    out = tmp_path / "synthetic"
+    assert config.data.train_files == str(out / "data.json") and config.data.eval_files == str(out / "val.json")
+    assert all(len(r["conversations"]) in (2 * 3, 2) for r in json.load(open(out / "data.json")))  # follow_ups=2
+    written = (out / "val.jsonl").read_text()
+    assert len(written.splitlines()) == 6
+    (out / "val.jsonl").unlink()
+    ensure_synthetic_data(config, str(tmp_path))
+    assert (out / "val.jsonl").read_text() == written

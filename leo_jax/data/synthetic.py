@@ -393,6 +393,14 @@ def benchmark_record(record: dict) -> dict:
             "answers": [answer], "question_type": record["question_type"]}
 
 
+def write_benchmark_file(out_dir: str, val_records: list[dict]) -> str:
+    """out_dir/val.jsonl: the validation questions as `python -m leo_jax.eval` reads them."""
+    path = os.path.join(out_dir, "val.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(benchmark_record(record)) + "\n" for record in val_records)
+    return path
+
+
 def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> list[dict]:
     """Generates one split, writes its PNGs under out_dir/images/split/, returns its records."""
     records = generate_records(num, seed, split=split, **options)
@@ -417,8 +425,7 @@ def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, 
     val = write_split(out_dir, "val", val_num, seed, image_size=image_size)
     _write_json(os.path.join(out_dir, "data.json"), train)
     _write_json(os.path.join(out_dir, "val.json"), val)
-    with open(os.path.join(out_dir, "val.jsonl"), "w") as f:
-        f.writelines(json.dumps(benchmark_record(record)) + "\n" for record in val)
+    write_benchmark_file(out_dir, val)
     info = {
         "num": num, "val_num": val_num, "seed": seed, "image_size": image_size,
         "multi_turn_fraction": multi_turn_fraction, "multi_image_fraction": multi_image_fraction,
