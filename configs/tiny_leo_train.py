@@ -11,6 +11,7 @@ from configs import common_train, tiny_leo, tiny_leo_mini_train
 def get_config():
     config = tiny_leo.get_config()
     config.synthetic = tiny_leo_mini_train.synthetic_section(multi_image_fraction=0.02)
+    config.model.llm.initializer_range = 0.1  # trained from scratch (see configs/tiny_leo_mini_train.py)
     config.data.num_epochs = None
     config.data.eval_batch_size = 50
     config.train = common_train.get_config()

@@ -17,10 +17,10 @@ THREE_EXPERTS = ((6, 10, 4), (9, 5, 7))  # widths d_i, token counts N_i
 TWO_EXPERTS = ((8, 5), (6, 11))
 
 
-def _config(experts, pooling="sum", scale="sqrt_expert_width") -> CoTRConfig:
+def _config(experts, pooling="sum", scale="sqrt_expert_width", visual_bias=True) -> CoTRConfig:
     widths, tokens = experts
     return CoTRConfig(expert_widths=widths, expert_tokens=tokens, text_width=TEXT_WIDTH, num_queries=4, proj_width=8,
-                      pooling=pooling, scale=scale, dtype="float32")
+                      pooling=pooling, scale=scale, visual_bias=visual_bias, dtype="float32")
 
 
 def _model(cfg: CoTRConfig, seed: int = 0) -> CoTR:
@@ -56,7 +56,8 @@ def _run(module, features, masks, text, text_mask) -> np.ndarray:
 
 def _torch_reference(module: CoTR) -> TorchCoTR:
     cfg = module.cfg
-    reference = TorchCoTR(cfg.expert_widths, cfg.text_width, cfg.num_queries, cfg.proj_width, cfg.pooling, cfg.scale)
+    reference = TorchCoTR(cfg.expert_widths, cfg.text_width, cfg.num_queries, cfg.proj_width, cfg.pooling, cfg.scale,
+                          visual_bias=cfg.visual_bias)
     state = {}
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         name, value = ".".join(map(str, path)), np.array(variable.get_value())
@@ -67,15 +68,16 @@ def _torch_reference(module: CoTR) -> TorchCoTR:
     return reference
 
 
-@pytest.mark.parametrize("experts, pooling, scale", [
-    (THREE_EXPERTS, "sum", "sqrt_expert_width"),
-    (THREE_EXPERTS, "mean", "sqrt_expert_width"),
-    (TWO_EXPERTS, "sum", "sqrt_expert_width"),
-    (TWO_EXPERTS, "mean", "sqrt_expert_width"),
-    (THREE_EXPERTS, "sum", "sqrt_proj_width"),
+@pytest.mark.parametrize("experts, pooling, scale, visual_bias", [
+    (THREE_EXPERTS, "sum", "sqrt_expert_width", True),
+    (THREE_EXPERTS, "mean", "sqrt_expert_width", True),
+    (TWO_EXPERTS, "sum", "sqrt_expert_width", True),
+    (TWO_EXPERTS, "mean", "sqrt_expert_width", True),
+    (THREE_EXPERTS, "sum", "sqrt_proj_width", True),
+    (THREE_EXPERTS, "mean", "sqrt_expert_width", False),
 ])
-def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale):
-    cfg = _config(experts, pooling, scale)
+def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale, visual_bias):
+    cfg = _config(experts, pooling, scale, visual_bias)
     module = _model(cfg)
     features, masks, text, text_mask = _inputs(cfg)
     ours = _run(module, features, masks, text, text_mask)
@@ -83,11 +85,16 @@ def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale):
         theirs = _torch_reference(module)([torch.from_numpy(f) for f in features], torch.from_numpy(text),
                                           [torch.from_numpy(m) for m in masks], torch.from_numpy(text_mask)).numpy()
     diff = float(np.max(np.abs(ours.astype(np.float64) - theirs)))
-    print(f"CoTR {len(cfg.expert_widths)} experts pooling={pooling} scale={scale}: max abs diff vs torch {diff:.2e}")
+    print(f"CoTR {len(cfg.expert_widths)} experts pooling={pooling} scale={scale} visual_bias={visual_bias}: "
+          f"max abs diff vs torch {diff:.2e}")
     assert ours.shape == (4, cfg.num_queries, sum(cfg.expert_widths))
     assert diff <= 1e-5
     assert np.all(ours[3] == 0), "a sample without image must give zeros"
     assert np.abs(ours[:3]).max() > 0.1
+    if not visual_bias:  # the flag changes the scores: same weights with the pooled visual rows differ
+        with_bias = CoTR(dataclasses.replace(cfg, visual_bias=True), rngs=nnx.Rngs(0))
+        nnx.update(with_bias, nnx.state(module))
+        assert np.max(np.abs(_run(with_bias, features, masks, text, text_mask) - ours)) > 1e-2
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])

@@ -140,7 +140,7 @@ def test_leo_mini_visual_tokens_depend_on_the_prompt_only(batches, models):
     ids[row, col] = (ids[row, col] + 7) % 500 + 20
     changed_prompt, _ = model.embed_inputs({**batch, "input_ids": jnp.asarray(ids)})
     moved = np.abs(np.asarray(changed_prompt)[row][context[row]] - np.asarray(base)[row][context[row]]).max()
-    assert moved > 0  # small at initialisation (projector weights ~0.02), but the prompt reaches the tokens
+    assert moved > 0  # small at initialisation (CoTR weights ~0.02), but the prompt reaches the tokens
     np.testing.assert_array_equal(np.asarray(changed_prompt)[row + 1], np.asarray(base)[row + 1])
 
 

@@ -43,6 +43,15 @@ def solve(question, scenes):
         return "yes" if matching(m[2], m[1]) else "no"
     if m := re.fullmatch(r"What is (\w+) plus (\w+)\?", question):
         return WORDS[WORDS.index(m[1]) + WORDS.index(m[2])]
+    if question == "Describe the image.":
+        rows, cols = ("top", "", "bottom"), ("left", "", "right")
+        size = scenes[0]["image_size"]
+        cells = [(o["cy"] * 3 // size, o["cx"] * 3 // size, o) for o in objects]  # grid cell from the centre
+        described = []
+        for row, col, o in sorted(cells, key=lambda c: c[:2]):  # reading order
+            cell = " ".join(w for w in (rows[row], cols[col]) if w) or "center"
+            described.append(f"{o['color']} {o['shape']} {cell}")
+        return ", ".join(described)
     raise AssertionError(f"unparsed question {question!r}")
 
 
@@ -229,6 +238,25 @@ def test_follow_up_questions_are_answerable_and_correct():
         synthetic.generate_records(10, seed=0, follow_ups=-1)
 
 
+def test_caption_samples_describe_every_object_in_reading_order():
+    """caption_fraction: that share of training samples asks for a description; the caption (independent solver)
+    names each object's colour, shape and grid cell; without the option the set's bytes do not change."""
+    records = synthetic.generate_records(400, seed=5, caption_fraction=0.25, multi_turn_fraction=0.05)
+    captions = [r for r in records if r["question_type"] == synthetic.CAPTION]
+    assert len(captions) == 100
+    for record in records:
+        for question, answer in zip(record["conversations"][0::2], record["conversations"][1::2]):
+            assert solve(question["value"], record.get("scenes")) == answer["value"], record["id"]
+    assert {len(r["scenes"][0]["objects"]) for r in captions} == {1, 2, 3, 4}
+    assert synthetic.describe_scene({"image_size": 60, "objects": [
+        {"shape": "square", "color": "red", "row": 2, "col": 2, "cx": 50, "cy": 50},
+        {"shape": "circle", "color": "blue", "row": 0, "col": 1, "cx": 30, "cy": 8}]}) == \
+        "blue circle top, red square bottom right"
+    assert synthetic.generate_records(50, seed=5) == synthetic.generate_records(50, seed=5, caption_fraction=0.0)
+    with pytest.raises(ValueError, match="caption_fraction must be >= 0"):
+        synthetic.generate_records(10, seed=0, caption_fraction=-0.1)
+
+
 def test_training_default_points_at_the_set_and_restores_its_benchmark_file(tmp_path):
     """ensure_synthetic_data writes the set once, points data.* at it, and re-creates val.jsonl for a set written
     before that file existed (identical to what write_dataset writes)."""
@@ -237,11 +265,14 @@ def test_training_default_points_at_the_set_and_restores_its_benchmark_file(tmp_
     from leo_jax.train.synthetic_data import ensure_synthetic_data
 
     config = ml_collections.ConfigDict({"data": {"train_files": "", "eval_files": ""}, "synthetic": {
-        "num": 12, "val_num": 6, "seed": 0, "image_size": 32, "multi_image_fraction": 0.0, "follow_ups": 2, "dir": ""}})
+        "num": 12, "val_num": 6, "seed": 0, "image_size": 32, "multi_image_fraction": 0.0, "caption_fraction": 0.25,
+        "follow_ups": 2, "dir": ""}})
     ensure_synthetic_data(config, str(tmp_path))
     out = tmp_path / "synthetic"
     assert config.data.train_files == str(out / "data.json") and config.data.eval_files == str(out / "val.json")
-    assert all(len(r["conversations"]) in (2 * 3, 2) for r in json.load(open(out / "data.json")))  # follow_ups=2
+    train = json.load(open(out / "data.json"))
+    assert all(len(r["conversations"]) in (2 * 3, 2) for r in train)  # follow_ups=2
+    assert sum(r["question_type"] == "caption" for r in train) == 3
     written = (out / "val.jsonl").read_text()
     assert len(written.splitlines()) == 6
     (out / "val.jsonl").unlink()

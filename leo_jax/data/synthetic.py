@@ -12,7 +12,9 @@ every object of each image (shape, color, grid cell, centre, radius in pixels) s
 Evaluated question types (QUESTION_TYPES) need the image: the answer is drawn first, uniformly and
 balanced per type, the question's wording is drawn independently of it, and the scene is built to
 make the answer true, so the text alone predicts nothing beyond chance. A few training-only
-'multi_turn', 'multi_image' and 'text_only' samples exercise those paths of the pipeline.
+'multi_turn', 'multi_image' and 'text_only' samples exercise those paths of the pipeline; training-only 'caption'
+samples ("Describe the image." -> every object's colour, shape and grid cell in reading order) are the set's
+LLaVA-pretraining-style dense supervision.
 Everything is a pure function of the seed: two runs write identical bytes.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ QUESTION_TYPES = ("color", "shape", "count", "position", "exists")  # evaluated;
 MULTI_TURN = "multi_turn"  # training only: several questions about one image
 MULTI_IMAGE = "multi_image"  # training only: a question about two images
 TEXT_ONLY = "text_only"  # training only: no image
+CAPTION = "caption"  # training only: every object of the image, in reading order
 ANSWERS = {
     "color": tuple(COLORS),
     "shape": SHAPES,
@@ -61,7 +64,9 @@ QUESTION_TEMPLATES = {
     "total": "How many objects are there?",  # multi-turn follow-up only
     "more": "Which image has more objects, the first or the second?",  # multi-image
     "sum": "What is {a} plus {b}?",  # text-only
+    "caption": "Describe the image.",
 }
+CELL_NAMES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 IMAGE_PLACEHOLDER = "<image>"
 ALL_PAIRS = tuple(itertools.product(SHAPES, COLORS))  # (shape, color)
 
@@ -111,6 +116,12 @@ def render_scene(scene) -> Image.Image:
     return image
 
 
+def describe_scene(scene) -> str:
+    """The caption of a scene: "<color> <shape> <grid cell>" of every object in reading order, comma-separated."""
+    objects = sorted(scene["objects"], key=lambda o: (o["row"], o["col"]))
+    return ", ".join(f"{o['color']} {o['shape']} {CELL_NAMES[o['row'] * GRID + o['col']]}" for o in objects)
+
+
 def answer_from_scene(scene, question_type: str, **params) -> str:
     """The correct answer to a question about `scene` (params as in QUESTION_TEMPLATES)."""
     objects = scene["objects"]
@@ -128,6 +139,8 @@ def answer_from_scene(scene, question_type: str, **params) -> str:
         return NUMBER_WORDS[len(find(shape=params["shape"]))]
     if question_type == "total":
         return NUMBER_WORDS[len(objects)]
+    if question_type == CAPTION:
+        return describe_scene(scene)
     if question_type == "exists":
         return "yes" if find(params["shape"], params["color"]) else "no"
     if question_type == "position":
@@ -246,7 +259,8 @@ def _random_scene(rng, image_size):
 
 def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = "train",
                      multi_turn_fraction: float = 0.0, multi_image_fraction: float = 0.0,
-                     text_only_fraction: float = 0.0, follow_ups: int = 0) -> list[dict]:
+                     text_only_fraction: float = 0.0, caption_fraction: float = 0.0,
+                     follow_ups: int = 0) -> list[dict]:
     """LLaVA records; each with images has 'scenes', the scene of each of its images in order.
 
     `follow_ups` more questions (random answerable evaluated types, see _follow_up) are appended to every
@@ -263,10 +277,12 @@ def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = 
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
     _check_fractions(multi_turn_fraction=multi_turn_fraction, multi_image_fraction=multi_image_fraction,
-                    text_only_fraction=text_only_fraction)
+                    text_only_fraction=text_only_fraction, caption_fraction=caption_fraction)
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     extra = {MULTI_TURN: int(num * multi_turn_fraction), MULTI_IMAGE: int(num * multi_image_fraction),
              TEXT_ONLY: int(num * text_only_fraction)}
+    if caption_fraction:  # (only when asked: sets written without captions keep their bytes)
+        extra[CAPTION] = int(num * caption_fraction)
     kinds = _balanced_plan(rng, num - sum(extra.values()))
     for kind, count in extra.items():
         kinds += [(kind, None)] * count
@@ -287,6 +303,11 @@ def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = 
             record["image"] = [f"images/{split}/{index:06d}_{k}.png" for k in range(2)]
             record["conversations"] = _turns(QUESTION_TEMPLATES["more"], more, num_images=2)
             record["scenes"] = scenes
+        elif question_type == CAPTION:
+            scene = _random_scene(rng, image_size)
+            record["image"] = f"images/{split}/{index:06d}.png"
+            record["conversations"] = _turns(QUESTION_TEMPLATES[CAPTION], describe_scene(scene), num_images=1)
+            record["scenes"] = [scene]
         else:
             if question_type == MULTI_TURN:
                 first_type = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
@@ -414,14 +435,14 @@ def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> lis
 
 def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, image_size: int = 64,
                   multi_turn_fraction: float = 0.05, multi_image_fraction: float = 0.02,
-                  text_only_fraction: float = 0.05, follow_ups: int = 0) -> dict:
-    """Writes data.json (train: evaluated types + multi-turn, multi-image and text-only samples),
+                  text_only_fraction: float = 0.05, caption_fraction: float = 0.0, follow_ups: int = 0) -> dict:
+    """Writes data.json (train: evaluated types + multi-turn, multi-image, text-only and caption samples),
     val.json (evaluated types only) with their images, val.jsonl (val.json as benchmark records) and
     info.json (arguments, chance levels); returns the info dict."""
     os.makedirs(out_dir, exist_ok=True)
     train = write_split(out_dir, "train", num, seed, image_size=image_size, multi_turn_fraction=multi_turn_fraction,
                         multi_image_fraction=multi_image_fraction, text_only_fraction=text_only_fraction,
-                        follow_ups=follow_ups)
+                        caption_fraction=caption_fraction, follow_ups=follow_ups)
     val = write_split(out_dir, "val", val_num, seed, image_size=image_size)
     _write_json(os.path.join(out_dir, "data.json"), train)
     _write_json(os.path.join(out_dir, "val.json"), val)
@@ -429,7 +450,7 @@ def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, 
     info = {
         "num": num, "val_num": val_num, "seed": seed, "image_size": image_size,
         "multi_turn_fraction": multi_turn_fraction, "multi_image_fraction": multi_image_fraction,
-        "text_only_fraction": text_only_fraction, "follow_ups": follow_ups,
+        "text_only_fraction": text_only_fraction, "caption_fraction": caption_fraction, "follow_ups": follow_ups,
         "question_types": list(QUESTION_TYPES), "answers": ANSWERS,
         "chance_train": chance_levels(train), "chance_val": chance_levels(val),
     }
@@ -455,6 +476,8 @@ def main(argv=None) -> int:
     parser.add_argument("--multi-turn-fraction", type=float, default=0.05)
     parser.add_argument("--multi-image-fraction", type=float, default=0.02)
     parser.add_argument("--text-only-fraction", type=float, default=0.05)
+    parser.add_argument("--caption-fraction", type=float, default=0.0,
+                        help="fraction of training samples that describe the whole image (dense supervision)")
     parser.add_argument("--follow-ups", type=int, default=0,
                         help="extra questions about the same image in each single-question training sample")
     args = parser.parse_args(argv)
@@ -464,7 +487,8 @@ def main(argv=None) -> int:
         info = write_dataset(args.out, args.num, args.seed, val_num=args.val_num, image_size=args.image_size,
                              multi_turn_fraction=args.multi_turn_fraction,
                              multi_image_fraction=args.multi_image_fraction,
-                             text_only_fraction=args.text_only_fraction, follow_ups=args.follow_ups)
+                             text_only_fraction=args.text_only_fraction,
+                             caption_fraction=args.caption_fraction, follow_ups=args.follow_ups)
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {args.num} training samples to {os.path.join(args.out, 'data.json')} and "

@@ -92,7 +92,7 @@ class MLPProjector(nnx.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.norm = LayerNorm(cfg.in_features, eps=cfg.norm_eps, rngs=rngs, **kw) if cfg.layer_norm else None
         self.mlp = MLP(cfg.in_features, cfg.out_features, out_features=cfg.out_features, act=cfg.act, rngs=rngs,
-                       **kw)  # kernels ~ N(0, 0.02), biases 0 (the Linear defaults)
+                       **kw)  # kernels ~ N(0, 1/fan_in), biases 0 (the Linear defaults)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.norm is not None:

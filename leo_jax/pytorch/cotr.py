@@ -62,16 +62,18 @@ class CoTRExpert(nn.Module):
 
 class CoTR(nn.Module):
     """Conditional token reduction over a list of experts (SPEC 2.2); see leo_jax.models.cotr.CoTRConfig for the
-    meaning of `pooling` ('sum' | 'mean') and `scale` ('sqrt_expert_width' | 'sqrt_proj_width' | 'none')."""
+    meaning of `pooling` ('sum' | 'mean'), `scale` ('sqrt_expert_width' | 'sqrt_proj_width' | 'none') and
+    `visual_bias` (False drops the pooled visual rows, keeping the query and prompt terms)."""
 
     def __init__(self, expert_widths: Sequence[int], text_width: int, num_queries: int = 64, proj_width: int = 256,
-                 pooling: str = "sum", scale: str = "sqrt_expert_width", init_std: float = 0.02):
+                 pooling: str = "sum", scale: str = "sqrt_expert_width", init_std: float = 0.02,
+                 visual_bias: bool = True):
         super().__init__()
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling={pooling!r}: use 'sum' or 'mean'")
         if scale not in ("sqrt_expert_width", "sqrt_proj_width", "none"):
             raise ValueError(f"scale={scale!r}: use 'sqrt_expert_width', 'sqrt_proj_width' or 'none'")
-        self.pooling, self.scale, self.proj_width = pooling, scale, proj_width
+        self.pooling, self.scale, self.proj_width, self.visual_bias = pooling, scale, proj_width, visual_bias
         self.experts = nn.ModuleList(CoTRExpert(d, num_queries, proj_width, init_std) for d in expert_widths)
         self.text_proj = nn.Linear(text_width, proj_width, bias=False)
 
@@ -101,8 +103,9 @@ class CoTR(nn.Module):
             queries = expert.query_proj(expert.query)  # Q̄_i [N^V, d_p]
             others = sum((pooled[j] for j in range(len(self.experts)) if j != i), torch.zeros_like(pooled[i]))
             scores = torch.einsum("qp,bnp->bqn", queries, tokens_i)  # Q̄_i Ī_iᵀ
-            scores = scores + torch.einsum("bp,bnp->bn", pooled[i], tokens_i).unsqueeze(1)  # pool(Ī_i) Ī_iᵀ
-            scores = scores + torch.einsum("bp,bnp->bn", others, tokens_i).unsqueeze(1)  # Σ_{j≠i} pool(Ī_j) Ī_iᵀ
+            if self.visual_bias:
+                scores = scores + torch.einsum("bp,bnp->bn", pooled[i], tokens_i).unsqueeze(1)  # pool(Ī_i) Ī_iᵀ
+                scores = scores + torch.einsum("bp,bnp->bn", others, tokens_i).unsqueeze(1)  # Σ_{j≠i} pool(Ī_j) Ī_iᵀ
             scores = scores + torch.einsum("bp,bnp->bn", pooled_text, tokens_i).unsqueeze(1)  # pool(T̂) Ī_iᵀ
             if self.scale == "sqrt_expert_width":
                 scores = scores / math.sqrt(image_i.shape[-1])

@@ -150,7 +150,7 @@ class LeoMiniForCausalLM(nn.Module):
         cotr = config["cotr"]
         self.num_queries = int(cotr["num_queries"])
         self.cotr = CoTR(cotr["expert_widths"], cotr["text_width"], self.num_queries, cotr["proj_width"],
-                         cotr["pooling"], cotr["scale"])
+                         cotr["pooling"], cotr["scale"], visual_bias=cotr.get("visual_bias", True))
         projector = config["projector"]
         if projector.get("act", "gelu") != "gelu" or projector.get("layer_norm", False):
             raise ValueError(f"config.json: projector {projector} is not LEO-MINI's Linear -> GELU -> Linear")

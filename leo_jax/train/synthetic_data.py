@@ -14,9 +14,9 @@ logger = logging.getLogger("leo_jax.train")
 
 
 def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """With a `config.synthetic` section ({num, val_num, seed, image_size, multi_image_fraction, follow_ups, dir}),
-    points data.train_files / data.eval_files at the set in `dir` (default WORKDIR/synthetic), writing it first if
-    absent."""
+    """With a `config.synthetic` section ({num, val_num, seed, image_size, multi_image_fraction, caption_fraction,
+    follow_ups, dir}), points data.train_files / data.eval_files at the set in `dir` (default WORKDIR/synthetic),
+    writing it first if absent."""
     if "synthetic" not in config:
         return
     spec = config.synthetic
@@ -26,6 +26,7 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> No
         logger.info("writing the synthetic set (%d train / %d validation samples) to %s", spec.num, spec.val_num, out)
         info = synthetic.write_dataset(out, spec.num, spec.seed, val_num=spec.val_num, image_size=spec.image_size,
                                        multi_image_fraction=spec.multi_image_fraction,
+                                       caption_fraction=spec.get("caption_fraction", 0.0),
                                        follow_ups=spec.get("follow_ups", 0))
         logger.info("chance levels (validation):\n%s", synthetic.format_chance_table(info["chance_val"]))
     elif not os.path.exists(os.path.join(out, "val.jsonl")):  # a set written before val.jsonl existed

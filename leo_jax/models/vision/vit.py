@@ -16,7 +16,7 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import Attention
-from leo_jax.layers.common import LayerNorm, check_numerics, normal_init, param, scan_layers, stack_layers, to_dtype, \
+from leo_jax.layers.common import LayerNorm, check_numerics, fan_in_init, param, scan_layers, stack_layers, to_dtype, \
     zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 from leo_jax.sharding import constrain
@@ -80,7 +80,8 @@ class PatchEmbed(nnx.Module):
     def __init__(self, patch_size: int, in_channels: int, features: int, *, use_bias: bool, dtype: Any,
                  param_dtype: Any, rngs: nnx.Rngs):
         self.patch_size, self.in_channels, self.dtype = patch_size, in_channels, to_dtype(dtype)
-        self.kernel = param(rngs, normal_init(0.02), (patch_size, patch_size, in_channels, features),
+        self.kernel = param(rngs, fan_in_init(patch_size * patch_size * in_channels),
+                            (patch_size, patch_size, in_channels, features),
                             ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype)
         self.bias = param(rngs, zeros_init, (features,), ("conv_out",), param_dtype) if use_bias else None
 
