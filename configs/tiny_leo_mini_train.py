@@ -40,7 +40,7 @@ def get_config():
     config.data.seq_len = 96  # 16 visual + <= 80 text tokens: every synthetic sample fits (multi-turn: up to 82)
     config.data.eval_batch_size = 50
     config.train = common_train.get_config()
-    config.train.steps = 4000  # 7 min 52 s on 2 idle cores incl. writing the set, compiling and evaluating
+    config.train.steps = 4000  # ~7 min on 2 idle cores incl. writing the set, compiling and evaluating
     config.train.learning_rate = 5e-4  # 2e-3 and 1e-3 plateau at the answer prior (measured)
     config.train.warmup_fraction = 0.05
     config.train.weight_decay = 0.0
