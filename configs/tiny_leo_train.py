@@ -10,8 +10,12 @@ from configs import common_train, tiny_leo, tiny_leo_mini_train
 
 def get_config():
     config = tiny_leo.get_config()
-    config.synthetic = tiny_leo_mini_train.synthetic_section(multi_image_fraction=0.02)
+    # Two more questions about the same image in every question sample: they fill the 128-token rows (the step costs
+    # the same) and triple the supervision per image (measured at 2000 steps: exists 0.51 -> 0.75, colour 0.57 ->
+    # 0.72).
+    config.synthetic = tiny_leo_mini_train.synthetic_section(multi_image_fraction=0.02, follow_ups=2)
     config.model.llm.initializer_range = 0.1  # trained from scratch (see configs/tiny_leo_mini_train.py)
+    config.model.intern_vit.position_initializer_range = 0.3  # layout in the tokens' content (same reason)
     config.data.num_epochs = None
     config.data.eval_batch_size = 50
     config.train = common_train.get_config()

@@ -15,12 +15,14 @@ from tests.sharding_utils import assert_sharded_matches
 TEXT_WIDTH = 12
 THREE_EXPERTS = ((6, 10, 4), (9, 5, 7))  # widths d_i, token counts N_i
 TWO_EXPERTS = ((8, 5), (6, 11))
+SQUARE_EXPERTS = ((6, 10), (16, 9))  # token grids 4 x 4 and 3 x 3 (spatial_prior needs square grids)
 
 
-def _config(experts, pooling="sum", scale="sqrt_expert_width", visual_bias=True) -> CoTRConfig:
+def _config(experts, pooling="sum", scale="sqrt_expert_width", visual_bias=True, spatial_prior=0.0) -> CoTRConfig:
     widths, tokens = experts
     return CoTRConfig(expert_widths=widths, expert_tokens=tokens, text_width=TEXT_WIDTH, num_queries=4, proj_width=8,
-                      pooling=pooling, scale=scale, visual_bias=visual_bias, dtype="float32")
+                      pooling=pooling, scale=scale, visual_bias=visual_bias, spatial_prior=spatial_prior,
+                      dtype="float32")
 
 
 def _model(cfg: CoTRConfig, seed: int = 0) -> CoTR:
@@ -57,7 +59,7 @@ def _run(module, features, masks, text, text_mask) -> np.ndarray:
 def _torch_reference(module: CoTR) -> TorchCoTR:
     cfg = module.cfg
     reference = TorchCoTR(cfg.expert_widths, cfg.text_width, cfg.num_queries, cfg.proj_width, cfg.pooling, cfg.scale,
-                          visual_bias=cfg.visual_bias)
+                          visual_bias=cfg.visual_bias, spatial_prior=cfg.spatial_prior)
     state = {}
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         name, value = ".".join(map(str, path)), np.array(variable.get_value())
@@ -68,16 +70,17 @@ def _torch_reference(module: CoTR) -> TorchCoTR:
     return reference
 
 
-@pytest.mark.parametrize("experts, pooling, scale, visual_bias", [
-    (THREE_EXPERTS, "sum", "sqrt_expert_width", True),
-    (THREE_EXPERTS, "mean", "sqrt_expert_width", True),
-    (TWO_EXPERTS, "sum", "sqrt_expert_width", True),
-    (TWO_EXPERTS, "mean", "sqrt_expert_width", True),
-    (THREE_EXPERTS, "sum", "sqrt_proj_width", True),
-    (THREE_EXPERTS, "mean", "sqrt_expert_width", False),
+@pytest.mark.parametrize("experts, pooling, scale, visual_bias, spatial_prior", [
+    (THREE_EXPERTS, "sum", "sqrt_expert_width", True, 0.0),
+    (THREE_EXPERTS, "mean", "sqrt_expert_width", True, 0.0),
+    (TWO_EXPERTS, "sum", "sqrt_expert_width", True, 0.0),
+    (TWO_EXPERTS, "mean", "sqrt_expert_width", True, 0.0),
+    (THREE_EXPERTS, "sum", "sqrt_proj_width", True, 0.0),
+    (THREE_EXPERTS, "mean", "sqrt_expert_width", False, 0.0),
+    (SQUARE_EXPERTS, "mean", "sqrt_expert_width", False, 0.25),
 ])
-def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale, visual_bias):
-    cfg = _config(experts, pooling, scale, visual_bias)
+def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale, visual_bias, spatial_prior):
+    cfg = _config(experts, pooling, scale, visual_bias, spatial_prior)
     module = _model(cfg)
     features, masks, text, text_mask = _inputs(cfg)
     ours = _run(module, features, masks, text, text_mask)
@@ -85,7 +88,8 @@ def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale, v
         theirs = _torch_reference(module)([torch.from_numpy(f) for f in features], torch.from_numpy(text),
                                           [torch.from_numpy(m) for m in masks], torch.from_numpy(text_mask)).numpy()
     diff = float(np.max(np.abs(ours.astype(np.float64) - theirs)))
-    print(f"CoTR {len(cfg.expert_widths)} experts pooling={pooling} scale={scale} visual_bias={visual_bias}: "
+    print(f"CoTR {len(cfg.expert_widths)} experts pooling={pooling} scale={scale} visual_bias={visual_bias} "
+          f"spatial_prior={spatial_prior}: "
           f"max abs diff vs torch {diff:.2e}")
     assert ours.shape == (4, cfg.num_queries, sum(cfg.expert_widths))
     assert diff <= 1e-5
@@ -95,6 +99,33 @@ def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale, v
         with_bias = CoTR(dataclasses.replace(cfg, visual_bias=True), rngs=nnx.Rngs(0))
         nnx.update(with_bias, nnx.state(module))
         assert np.max(np.abs(_run(with_bias, features, masks, text, text_mask) - ours)) > 1e-2
+    if spatial_prior:  # and the prior changes them too
+        without = CoTR(dataclasses.replace(cfg, spatial_prior=0.0), rngs=nnx.Rngs(0))
+        nnx.update(without, nnx.state(module))
+        assert np.max(np.abs(_run(without, features, masks, text, text_mask) - ours)) > 1e-2
+
+
+def test_a_sharp_spatial_prior_pools_each_query_region():
+    """With zero queries and projections only the prior is left: each of the 2 x 2 queries averages the 2 x 2 block
+    of the 4 x 4 token grid under its cell (its four equally near tokens)."""
+    cfg = _config(SQUARE_EXPERTS, "mean", "sqrt_expert_width", False, spatial_prior=0.02)
+    module = CoTR(cfg, rngs=nnx.Rngs(0))
+    for _, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        variable.set_value(jnp.zeros(variable.shape, jnp.float32))
+    features, _, text, _ = _inputs(cfg)
+    out = _run(module, features, [np.ones(f.shape[:2], bool) for f in features], text,
+               np.ones(text.shape[:2], bool))
+    grid = features[0].reshape(4, 2, 2, 2, 2, 6)  # [B, block row, row in block, block col, col in block, d]
+    blocks = grid.mean(axis=(2, 4)).reshape(4, 4, 6)  # query order: row-major over the 2 x 2 cells
+    np.testing.assert_allclose(out[..., :6], blocks, atol=1e-5)
+    assert np.max(np.abs(out[:, 0, :6] - out[:, 3, :6])) > 0.1  # regions differ: the layout survives
+
+
+def test_spatial_prior_needs_square_grids():
+    with pytest.raises(ValueError, match=r"expert_tokens\[1\]=5 is not a square grid"):
+        _config(THREE_EXPERTS, spatial_prior=0.1)
+    with pytest.raises(ValueError, match="spatial_prior must be >= 0"):
+        _config(SQUARE_EXPERTS, spatial_prior=-1.0)
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])

@@ -35,10 +35,11 @@ def solve(question, scenes):
         return obj["shape"]
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return WORDS[len(objects) if m[1] == "object" else len(matching(shape=m[1]))]
-    if m := re.fullmatch(r"Is the (\w+) (\w+) left or right of the (\w+) (\w+)\?", question):
-        (a,), (b,) = matching(m[2], m[1]), matching(m[4], m[3])
-        assert a["col"] != b["col"]  # unambiguous
-        return "left" if a["cx"] < b["cx"] else "right"
+    if m := re.fullmatch(r"Is the (\w+) (\w+) left or right\?", question):
+        (obj,) = matching(m[2], m[1])
+        size = scenes[0]["image_size"]
+        assert abs(obj["cx"] - size / 2) > size / 6  # clearly on one side: not in the middle third
+        return "left" if obj["cx"] < size / 2 else "right"
     if m := re.fullmatch(r"Are there any (\w+) (\w+)s\?", question):
         return "yes" if matching(m[2], m[1]) else "no"
     if m := re.fullmatch(r"What is (\w+) plus (\w+)\?", question):

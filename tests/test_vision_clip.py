@@ -116,3 +116,29 @@ def test_vision_tower_of_full_clip_model(tmp_path):
 def test_full_size_preset_traces():
     out = preset_output("clip_vit_l14_336", (2, 336, 336, 3))
     assert out.shape == (2, 1 + 24 * 24, 1024) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("module", ["clip", "siglip", "intern_vit"])
+def test_position_initializer_range_sets_only_the_position_table(module):
+    """ViTConfig.position_initializer_range (shared by CLIP, SigLIP, InternViT) is the std of the learned position
+    table at initialisation and changes nothing else: the default keeps HF's 0.02."""
+    import importlib
+
+    from flax import nnx
+
+    mod = importlib.import_module(f"leo_jax.models.vision.{module}")
+    config_name, encoder_name = {"clip": ("CLIPVisionConfig", "CLIPVisionEncoder"),
+                                 "siglip": ("SiglipVisionConfig", "SiglipVisionEncoder"),
+                                 "intern_vit": ("InternViTConfig", "InternViT")}[module]
+    config_class, encoder_class = getattr(mod, config_name), getattr(mod, encoder_name)
+    size = dict(hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, image_size=64, patch_size=4)
+    default, scaled = (nnx.state(encoder_class(config_class(**size, **extra), rngs=nnx.Rngs(0)), nnx.Param)
+                       for extra in ({}, {"position_initializer_range": 0.5}))
+    flat_default, flat_scaled = dict(nnx.to_flat_state(default)), dict(nnx.to_flat_state(scaled))
+    assert flat_default.keys() == flat_scaled.keys()
+    for path, value in flat_default.items():
+        a, b = np.asarray(value[...]), np.asarray(flat_scaled[path][...])
+        if path[-1] == "position_embedding":
+            assert a.std() == pytest.approx(0.02, rel=0.05) and b.std() == pytest.approx(0.5, rel=0.05)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=str(path))

@@ -84,7 +84,8 @@ def config_to_hf(cfg: LeoMiniConfig, original: dict) -> dict:
         vision_experts=experts, text_config=text, mmoe=dataclasses.asdict(llm.mmoe_config),
         cotr=dict(expert_widths=list(cotr.expert_widths), expert_tokens=list(cotr.expert_tokens),
                   text_width=cotr.text_width, num_queries=cotr.num_queries, proj_width=cotr.proj_width,
-                  pooling=cotr.pooling, scale=cotr.scale, visual_bias=cotr.visual_bias),
+                  pooling=cotr.pooling, scale=cotr.scale, visual_bias=cotr.visual_bias,
+                  spatial_prior=cotr.spatial_prior),
         projector=dict(in_features=projector.in_features, out_features=projector.out_features, act=projector.act,
                        layer_norm=projector.layer_norm),
         image_context_id=cfg.image_context_id)

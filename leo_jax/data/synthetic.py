@@ -59,7 +59,7 @@ QUESTION_TEMPLATES = {
     "color": "What color is the {shape}?",
     "shape": "What shape is the {color} object?",
     "count": "How many {shape}s are there?",
-    "position": "Is the {color} {shape} left or right of the {other_color} {other_shape}?",
+    "position": "Is the {color} {shape} left or right?",  # the object is in the left or the right column
     "exists": "Are there any {color} {shape}s?",
     "total": "How many objects are there?",  # multi-turn follow-up only
     "more": "Which image has more objects, the first or the second?",  # multi-image
@@ -144,9 +144,10 @@ def answer_from_scene(scene, question_type: str, **params) -> str:
     if question_type == "exists":
         return "yes" if find(params["shape"], params["color"]) else "no"
     if question_type == "position":
-        (a,) = find(params["shape"], params["color"])
-        (b,) = find(params["other_shape"], params["other_color"])
-        return "left" if a["cx"] < b["cx"] else "right"
+        (obj,) = find(params["shape"], params["color"])
+        if obj["col"] == GRID // 2:
+            raise ValueError(f"position question about an object in the middle column: {params}")
+        return "left" if obj["cx"] < scene["image_size"] / 2 else "right"
     raise ValueError(f"unknown question type {question_type!r}")
 
 
@@ -172,13 +173,10 @@ def _question_for_answer(rng, question_type, answer, image_size):
         pairs += _random_pairs(rng, rng.integers(0, 3), lambda p: p[0] != params["shape"])
         columns = None
     elif question_type == "position":
-        first, second = rng.choice(len(ALL_PAIRS), size=2, replace=False)
-        (shape, color), (other_shape, other_color) = ALL_PAIRS[first], ALL_PAIRS[second]
-        params = {"color": color, "shape": shape, "other_color": other_color, "other_shape": other_shape}
-        left_col, right_col = sorted(rng.choice(GRID, size=2, replace=False))
-        columns = (left_col, right_col) if answer == "left" else (right_col, left_col)
-        pairs = [ALL_PAIRS[first], ALL_PAIRS[second]]
-        pairs += _random_pairs(rng, rng.integers(0, 3), lambda p: p not in pairs)
+        shape, color = ALL_PAIRS[rng.integers(len(ALL_PAIRS))]
+        params = {"color": color, "shape": shape}
+        columns = (0 if answer == "left" else GRID - 1,)
+        pairs = [(shape, color)] + _random_pairs(rng, rng.integers(0, 4), lambda p: p != (shape, color))
     elif question_type == "exists":
         shape, color = ALL_PAIRS[rng.integers(len(ALL_PAIRS))]
         params = {"shape": shape, "color": color}
@@ -197,14 +195,14 @@ def _question_for_answer(rng, question_type, answer, image_size):
 
 def _follow_up(rng, scene):
     """(question, answer) of one more evaluated-type question about `scene`, of a random type that the scene can
-    answer (colour / shape need an object whose shape / colour is unique; position two unique objects in different
-    columns); exists asks about a present or an absent object with equal odds."""
+    answer (colour / shape need an object whose shape / colour is unique; position a unique object outside the middle
+    column); exists asks about a present or an absent object with equal odds."""
     objects = scene["objects"]
     pairs = [(o["shape"], o["color"]) for o in objects]
     shape_counts = collections.Counter(shape for shape, _ in pairs)
     color_counts = collections.Counter(color for _, color in pairs)
     unique = [o for o in objects if pairs.count((o["shape"], o["color"])) == 1]
-    apart = [(a, b) for a in unique for b in unique if a["col"] != b["col"]]
+    sided = [o for o in unique if o["col"] != GRID // 2]
     for question_type in (QUESTION_TYPES[i] for i in rng.permutation(len(QUESTION_TYPES))):
         if question_type == "color" and 1 in shape_counts.values():
             single = [s for s, n in sorted(shape_counts.items()) if n == 1]
@@ -215,9 +213,9 @@ def _follow_up(rng, scene):
         elif question_type == "count":
             present = sorted(shape_counts)
             params = {"shape": present[rng.integers(len(present))]}
-        elif question_type == "position" and apart:
-            a, b = apart[rng.integers(len(apart))]
-            params = {"shape": a["shape"], "color": a["color"], "other_shape": b["shape"], "other_color": b["color"]}
+        elif question_type == "position" and sided:
+            obj = sided[rng.integers(len(sided))]
+            params = {"shape": obj["shape"], "color": obj["color"]}
         elif question_type == "exists":
             absent = [p for p in ALL_PAIRS if p not in pairs]
             pool = pairs if rng.random() < 0.5 else absent
@@ -388,11 +386,10 @@ def corpus_texts() -> list[str]:
     for shape, color in ALL_PAIRS:
         texts += [QUESTION_TEMPLATES["color"].format(shape=shape), QUESTION_TEMPLATES["shape"].format(color=color),
                   QUESTION_TEMPLATES["count"].format(shape=shape),
-                  QUESTION_TEMPLATES["exists"].format(shape=shape, color=color)]
-        for other_shape, other_color in ALL_PAIRS:
-            texts.append(QUESTION_TEMPLATES["position"].format(shape=shape, color=color, other_shape=other_shape,
-                                                               other_color=other_color))
+                  QUESTION_TEMPLATES["exists"].format(shape=shape, color=color),
+                  QUESTION_TEMPLATES["position"].format(shape=shape, color=color)]
     texts += [QUESTION_TEMPLATES["total"], QUESTION_TEMPLATES["more"], "first", "second"]
+    texts += [QUESTION_TEMPLATES[CAPTION], ", ".join(CELL_NAMES)]
     texts += [QUESTION_TEMPLATES["sum"].format(a=a, b=b) for a in NUMBER_WORDS for b in NUMBER_WORDS]
     return list(dict.fromkeys(texts))
 

@@ -14,6 +14,7 @@ expert. T holds the prompt embeddings only: the caller's `text_mask` must exclud
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -45,6 +46,11 @@ class CoTRConfig:
       to the same token(s): measured on tiny LEO-MINI trained from random encoders, the query rows' attention
       weights had mean pairwise cosine 0.97 (every query on one or two of 64 tokens) with them and 0.41 without.
       The prompt row pool(T̂) (the conditioning) is always kept.
+    - spatial_prior (not in the paper; 0 = off, the default): > 0 adds the fixed score offset
+      -|c_q - c_n|^2 / (2 spatial_prior^2), c_q the centre of query q's cell on a square N^V grid over the image and c_n
+      that of token n on the expert's square token grid (spatial_prior is a fraction of the image side). Every query
+      then starts as a soft pooling of its own region, so the output tokens keep the image's layout; content and
+      prompt still move the weights. Experts trained from scratch need it (tiny presets); pretrained ones do not.
     - expert token grids: not fixed here; they come from each expert's config via expert_tokens.
     Queries are initialised N(0, initializer_range^2) (not stated in the paper).
     """
@@ -58,6 +64,7 @@ class CoTRConfig:
     scale: str = "sqrt_expert_width"
     initializer_range: float = 0.02
     visual_bias: bool = True
+    spatial_prior: float = 0.0
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
 
@@ -73,6 +80,13 @@ class CoTRConfig:
             require(getattr(self, name) > 0, f"{w}.{name} must be positive, got {getattr(self, name)}")
         require(self.pooling in POOLINGS, f"{w}.pooling={self.pooling!r}: use one of {POOLINGS}")
         require(self.scale in SCALES, f"{w}.scale={self.scale!r}: use one of {SCALES}")
+        require(self.spatial_prior >= 0, f"{w}.spatial_prior must be >= 0 (0 = off), got {self.spatial_prior}")
+        if self.spatial_prior > 0:
+            for name, count in [("num_queries", self.num_queries)] + [
+                    (f"expert_tokens[{i}]", n) for i, n in enumerate(self.expert_tokens)]:
+                require(math.isqrt(count) ** 2 == count,
+                        f"{w}.{name}={count} is not a square grid; spatial_prior needs square query and token grids "
+                        f"(or set {w}.spatial_prior=0)")
         check_numerics(self, w)
 
     @classmethod
@@ -98,6 +112,20 @@ class CoTRConfig:
         for d, n in zip(self.expert_widths, self.expert_tokens):
             flops += n * d * dp + nv * d * dp + nv * n * dp + nv * n * d
         return 2.0 * flops
+
+
+def grid_centres(count: int) -> jnp.ndarray:
+    """[count, 2] (row, col) centres in [0, 1] of a square grid of `count` cells in row-major order."""
+    side = math.isqrt(count)
+    coords = (jnp.arange(side, dtype=jnp.float32) + 0.5) / side
+    return jnp.stack(jnp.meshgrid(coords, coords, indexing="ij"), axis=-1).reshape(count, 2)
+
+
+def spatial_prior(num_queries: int, num_tokens: int, width: float) -> jnp.ndarray:
+    """[N^V, N_i] score offsets -|c_q - c_n|^2 / (2 width^2): query q prefers the tokens near the q-th cell of a
+    square grid laid over the image (width: a fraction of the image side)."""
+    diff = grid_centres(num_queries)[:, None, :] - grid_centres(num_tokens)[None, :, :]
+    return -jnp.sum(diff * diff, axis=-1) / (2 * width * width)
 
 
 def masked_pool(x: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
@@ -154,6 +182,8 @@ class CoTR(nnx.Module):
         for i, (expert, f, t, m) in enumerate(zip(self.experts, features, tokens, masks)):
             rows = expert.query_proj(expert.query[...])[None] + bias[:, None, :]  # [B, N^V, d_p]
             scores = jnp.einsum("bqp,bnp->bqn", rows, t, preferred_element_type=jnp.float32) * cfg.score_scale(i)
+            if cfg.spatial_prior > 0:
+                scores = scores + spatial_prior(cfg.num_queries, cfg.expert_tokens[i], cfg.spatial_prior)
             scores = jnp.where(m[:, None, :], scores, MASK_VALUE)
             # Padding gets weight exactly 0 (exp underflows). A sample without image has uniform weights over its
             # padding, whose features were zeroed above, so its output is 0 (and its gradients finite).

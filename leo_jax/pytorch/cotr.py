@@ -63,19 +63,34 @@ class CoTRExpert(nn.Module):
 class CoTR(nn.Module):
     """Conditional token reduction over a list of experts (SPEC 2.2); see leo_jax.models.cotr.CoTRConfig for the
     meaning of `pooling` ('sum' | 'mean'), `scale` ('sqrt_expert_width' | 'sqrt_proj_width' | 'none') and
-    `visual_bias` (False drops the pooled visual rows, keeping the query and prompt terms)."""
+    `visual_bias` (False drops the pooled visual rows, keeping the query and prompt terms) and `spatial_prior`
+    (> 0: the Gaussian score offset that points query q at the q-th cell of a square grid over the image)."""
 
     def __init__(self, expert_widths: Sequence[int], text_width: int, num_queries: int = 64, proj_width: int = 256,
                  pooling: str = "sum", scale: str = "sqrt_expert_width", init_std: float = 0.02,
-                 visual_bias: bool = True):
+                 visual_bias: bool = True, spatial_prior: float = 0.0):
         super().__init__()
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling={pooling!r}: use 'sum' or 'mean'")
         if scale not in ("sqrt_expert_width", "sqrt_proj_width", "none"):
             raise ValueError(f"scale={scale!r}: use 'sqrt_expert_width', 'sqrt_proj_width' or 'none'")
         self.pooling, self.scale, self.proj_width, self.visual_bias = pooling, scale, proj_width, visual_bias
+        self.spatial_prior = spatial_prior
         self.experts = nn.ModuleList(CoTRExpert(d, num_queries, proj_width, init_std) for d in expert_widths)
         self.text_proj = nn.Linear(text_width, proj_width, bias=False)
+
+    @staticmethod
+    def grid_offsets(num_queries: int, num_tokens: int, width: float) -> torch.Tensor:
+        """[N^V, N_i]: -squared distance / (2 width^2) between query q's cell centre and token n's patch centre,
+        both on square grids over the unit image (row-major)."""
+        q_side, n_side = math.isqrt(num_queries), math.isqrt(num_tokens)
+        offsets = torch.empty(num_queries, num_tokens)
+        for q in range(num_queries):
+            qy, qx = (q // q_side + 0.5) / q_side, (q % q_side + 0.5) / q_side
+            for n in range(num_tokens):
+                ny, nx = (n // n_side + 0.5) / n_side, (n % n_side + 0.5) / n_side
+                offsets[q, n] = -((qy - ny) ** 2 + (qx - nx) ** 2) / (2 * width ** 2)
+        return offsets
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [B, D] over the tokens where mask [B, N] is True."""
@@ -111,6 +126,8 @@ class CoTR(nn.Module):
                 scores = scores / math.sqrt(image_i.shape[-1])
             elif self.scale == "sqrt_proj_width":
                 scores = scores / math.sqrt(self.proj_width)
+            if self.spatial_prior > 0:
+                scores = scores + self.grid_offsets(queries.shape[0], image_i.shape[1], self.spatial_prior)
             valid = mask_i.unsqueeze(1)  # [B, 1, N_i]
             scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
             weights = torch.softmax(scores, dim=-1) * valid  # a sample without image gets all-zero weights

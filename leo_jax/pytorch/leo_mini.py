@@ -150,7 +150,8 @@ class LeoMiniForCausalLM(nn.Module):
         cotr = config["cotr"]
         self.num_queries = int(cotr["num_queries"])
         self.cotr = CoTR(cotr["expert_widths"], cotr["text_width"], self.num_queries, cotr["proj_width"],
-                         cotr["pooling"], cotr["scale"], visual_bias=cotr.get("visual_bias", True))
+                         cotr["pooling"], cotr["scale"], visual_bias=cotr.get("visual_bias", True),
+                         spatial_prior=cotr.get("spatial_prior", 0.0))
         projector = config["projector"]
         if projector.get("act", "gelu") != "gelu" or projector.get("layer_norm", False):
             raise ValueError(f"config.json: projector {projector} is not LEO-MINI's Linear -> GELU -> Linear")

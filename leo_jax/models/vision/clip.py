@@ -35,8 +35,8 @@ class CLIPVisionEncoder(nnx.Module):
         d, kw = cfg.hidden_size, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=False, rngs=rngs, **kw)
         self.class_embedding = param(rngs, normal_init(0.02), (d,), ("embed",), cfg.param_dtype)
-        self.position_embedding = param(rngs, normal_init(0.02), (cfg.grid ** 2 + 1, d), ("positions", "embed"),
-                                        cfg.param_dtype)
+        self.position_embedding = param(rngs, normal_init(cfg.position_initializer_range), (cfg.grid ** 2 + 1, d),
+                                        ("positions", "embed"), cfg.param_dtype)
         self.pre_norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)
         self.layers = block_stack(cfg, rngs)
         self.post_norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)

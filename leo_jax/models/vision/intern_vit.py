@@ -49,7 +49,7 @@ class InternViT(nnx.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=True, dtype=cfg.dtype,
                                       param_dtype=cfg.param_dtype, rngs=rngs)
         self.class_embedding = param(rngs, zeros_init, (1, 1, d), (None, None, "embed"), cfg.param_dtype)
-        self.position_embedding = param(rngs, normal_init(0.02), (1, cfg.grid ** 2 + 1, d),
+        self.position_embedding = param(rngs, normal_init(cfg.position_initializer_range), (1, cfg.grid ** 2 + 1, d),
                                         (None, "positions", "embed"), cfg.param_dtype)
         self.layers = block_stack(cfg, rngs, qkv_bias=cfg.qkv_bias, layer_scale_init=cfg.layer_scale_init)
 

@@ -58,8 +58,8 @@ class SiglipVisionEncoder(nnx.Module):
         self.cfg = cfg
         d, kw = cfg.hidden_size, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=True, rngs=rngs, **kw)
-        self.position_embedding = param(rngs, normal_init(0.02), (cfg.grid ** 2, d), ("positions", "embed"),
-                                        cfg.param_dtype)
+        self.position_embedding = param(rngs, normal_init(cfg.position_initializer_range), (cfg.grid ** 2, d),
+                                        ("positions", "embed"), cfg.param_dtype)
         self.layers = block_stack(cfg, rngs)
         self.post_norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)
         self.head = AttentionPoolingHead(cfg, rngs=rngs) if cfg.use_head else None

@@ -38,6 +38,9 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu"
     output_layer: int = -1  # index into HF hidden_states: -1 = last layer, -2 = penultimate (LLaVA), 0 = embeddings
+    # Std of the learned position embeddings at initialisation (HF's 0.02; pretrained weights replace them). Trained
+    # from scratch, 0.02 is ~50x below the patch content and the layout never reaches the tokens' content.
+    position_initializer_range: float = 0.02
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
