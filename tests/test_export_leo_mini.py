@@ -309,3 +309,21 @@ def hand_built_batch(model, num_images, seq_len, seed=0):
             batch[spec.batch_key] = np.stack([pre.host(p) for p in pictures]).reshape(2, num_images,
                                                                                      *pre.output_size, 3)
     return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def test_main_command_cotr_options_survive_export(tiny, tmp_path):
+    """The CoTR of configs/tiny_leo_mini_train.py (no pooled visual rows, spatial prior) is written to config.json
+    and the PyTorch model reproduces the logits; the options do change them, so the check is not vacuous."""
+    base, batch, _, _ = tiny
+    preset_cotr = load_config("tiny_leo_mini_train").model.cotr
+    cotr = dict(base.cfg.cotr, visual_bias=preset_cotr.visual_bias, spatial_prior=preset_cotr.spatial_prior)
+    assert cotr["spatial_prior"] > 0 and not cotr["visual_bias"]
+    model = random_model(config_with(base.cfg, cotr=cotr))
+    out = api.export_module(model, "leo_mini", tmp_path / "hf")
+    written = json.loads((out / "config.json").read_text())["cotr"]
+    assert (written["spatial_prior"], written["visual_bias"]) == (cotr["spatial_prior"], False)
+    diff, _ = compare_logits(model, batch, LeoMiniForCausalLM.from_pretrained(out))
+    paper_diff, _ = compare_logits(random_model(config_with(base.cfg)), batch, LeoMiniForCausalLM.from_pretrained(out))
+    print(f"LEO-MINI with the main command's CoTR, PyTorch vs JAX: max abs logits diff = {diff:.2e} "
+          f"(vs the paper's CoTR: {paper_diff:.2e})")
+    assert diff <= TOL < paper_diff
