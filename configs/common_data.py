@@ -22,8 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- text ----------------------------------------------------------------------------------------------------
     c.tokenizer = ""  # tokenizer.json / SentencePiece .model / directory holding one
-    # Conversation template: 'internlm2_chat' (LEO), 'llama3' (LEO-MINI Llama3-8B), 'vicuna_v1', 'plain'
-    # (projector pre-training: image + caption, caption supervised).
+    # Conversation template: 'leo_internlm2_chat' (LEO), 'internlm2_chat' (generic ChatML), 'llama3' (LEO-MINI
+    # Llama3-8B), 'vicuna_v1', 'plain' (projector pre-training: image + caption, caption supervised).
     c.template = "internlm2_chat"
     c.seq_len = 8192  # row capacity in tokens (LEO SFT: 8192; LEO-MINI: 2048); longer samples are skipped
     # Optional increasing padded lengths ending at seq_len, e.g. (1024, 2048, 4096, 8192): a batch is padded to the

@@ -1,6 +1,6 @@
 """LEO-8B (SPEC 2.1): InternViT-300M-448px + SAM ViT-L per 448 px tile (up to 6 + thumbnail), each with its own
-LayerNorm-MLP projector, 512 interleaved tokens per tile, InternLM2-chat-7B; template internlm2_chat, max length
-8192."""
+LayerNorm-MLP projector, 512 interleaved tokens per tile, InternLM2-chat-7B; template leo_internlm2_chat (the
+official LEO conversation format), max length 8192."""
 
 from leo_jax.models.leo import LeoConfig
 
@@ -15,6 +15,6 @@ def get_config():
         llm=common.encoder_fields(internlm2_7b.get_config().model)[1], projector=dict(layer_norm=True, act="gelu"),
         intern_unshuffle=0.5, sam_unshuffle=4)
     config.data = common.leo_data(common_data.get_config(), config.model, tokens_per_tile=512)
-    config.data.template = "internlm2_chat"
+    config.data.template = "leo_internlm2_chat"
     config.data.seq_len = 8192
     return config

@@ -191,3 +191,83 @@ def test_ensure_image_placeholders():
     fixed = templates.ensure_image_placeholders(conversation, 2)
     assert fixed[0]["value"] == "<image>\n<image>\nWhat is it?" and conversation[0]["value"] == "What is it?"
     assert templates.ensure_image_placeholders(CONVERSATION, 3) == CONVERSATION
+
+
+# The official LEO code's 'internlm2-chat' conversation (MPT separators) rendered by hand: the fixed system message,
+# no newline after <|im_end|>, every message stripped.
+LEO_SYSTEM = ("<|im_start|>system\nYou are LEO, a multimodal large language model developed by Waterloo WISE lab. "
+              "You are a helpful and harmless AI assistant<|im_end|>")
+LEO_CASES = {
+    "one image, two turns (generation prompt)": (
+        [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"},
+         {"from": "human", "value": "Shape?"}], [4], True,
+        LEO_SYSTEM + "<|im_start|>user\n<image>\nWhat color?<|im_end|><|im_start|>assistant\nred<|im_end|>"
+        "<|im_start|>user\nShape?<|im_end|><|im_start|>assistant\n"),
+    "single turn, whitespace stripped": (
+        [{"from": "human", "value": "  <image>\nIs there a red circle?\n"}, {"from": "gpt", "value": " yes \n"}],
+        [3], False,
+        LEO_SYSTEM + "<|im_start|>user\n<image>\nIs there a red circle?<|im_end|><|im_start|>assistant\nyes"
+        "<|im_end|>"),
+    "multi-turn": (
+        [{"from": "human", "value": "<image>\nWhat shape is it?"}, {"from": "gpt", "value": "circle"},
+         {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"},
+         {"from": "human", "value": "Left or right?"}, {"from": "gpt", "value": "left"}], [2], False,
+        LEO_SYSTEM + "<|im_start|>user\n<image>\nWhat shape is it?<|im_end|><|im_start|>assistant\ncircle<|im_end|>"
+        "<|im_start|>user\nHow many?<|im_end|><|im_start|>assistant\ntwo<|im_end|><|im_start|>user\nLeft or right?"
+        "<|im_end|><|im_start|>assistant\nleft<|im_end|>"),
+    "text only": (
+        [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": "red circle top left"}], [],
+        False,
+        LEO_SYSTEM + "<|im_start|>user\nDescribe the image.<|im_end|><|im_start|>assistant\nred circle top left"
+        "<|im_end|>"),
+    "two images": (
+        [{"from": "human", "value": "<image>\n<image>\nWhich has more circles?"}, {"from": "gpt", "value": "first"}],
+        [3, 5], False,
+        LEO_SYSTEM + "<|im_start|>user\n<image>\n<image>\nWhich has more circles?<|im_end|><|im_start|>assistant\n"
+        "first<|im_end|>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEO_CASES))
+def test_leo_template_is_the_official_leo_conversation_token_by_token(case):
+    """Ids = the synthetic tokenizer on the official rendering (each <image> -> <img> + n <IMG_CONTEXT> + </img>, BOS
+    first, as the official tokenizer adds it); supervised = each answer and its <|im_end|>, nothing else."""
+    from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
+
+    conversation, counts, generation, rendered = LEO_CASES[case]
+    tok = templates.setup_tokenizer(SYNTHETIC_TOKENIZER_PATH, "leo_internlm2_chat")
+    for n in counts:
+        rendered = rendered.replace("<image>", IMG_START + IMG_CONTEXT * n + IMG_END, 1)
+    expected = [tok.bos_id] + tok.encode(rendered)
+    enc = encode_conversation(conversation, tok, "leo_internlm2_chat", counts, add_generation_prompt=generation)
+    assert enc.input_ids.tolist() == expected
+    answers = [t["value"].strip() + "<|im_end|>" for t in conversation[1::2]]
+    assert [tok.decode(enc.input_ids[s:e]) for s, e in runs(enc.loss_mask)] == answers
+    assert int(enc.loss_mask.sum()) == sum(len(tok.encode(a)) for a in answers)
+
+
+@pytest.mark.parametrize("template", sorted(set(templates.TEMPLATES) - {"plain"}))
+def test_jinja_chat_template_renders_what_encode_conversation_tokenizes(template):
+    """transformers' apply_chat_template with chat_template_jinja on a multi-turn conversation with two images
+    (<image> expanded afterwards, as the official chat() does): the same ids for the whole conversation, and for
+    a generation prompt the same text (byte-level BPE merges a trailing header differently at the end of a string,
+    which encode_conversation avoids on purpose)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
+
+    conversation = [{"from": "human", "value": " <image>\nWhat color is it? "}, {"from": "gpt", "value": "red "},
+                    {"from": "human", "value": "And this one?\n<image>"}, {"from": "gpt", "value": "blue"}]
+    tok = templates.setup_tokenizer(SYNTHETIC_TOKENIZER_PATH, template)
+    hf = PreTrainedTokenizerFast(tokenizer_file=SYNTHETIC_TOKENIZER_PATH, bos_token="<s>", eos_token="</s>",
+                                 chat_template=templates.chat_template_jinja(template))
+    roles = {"human": "user", "gpt": "assistant"}
+    for turns, generation in ((conversation, False), (conversation[:3], True)):
+        ours = encode_conversation(turns, tok, template, [1, 1], add_generation_prompt=generation)
+        text = hf.apply_chat_template([{"role": roles[t["from"]], "content": t["value"]} for t in turns],
+                                      tokenize=False, add_generation_prompt=generation)
+        text = text.replace("<image>", IMG_START + IMG_CONTEXT + IMG_END)
+        if generation:
+            assert text == tok.decode(ours.input_ids)
+        else:
+            assert hf(text, add_special_tokens=False).input_ids == ours.input_ids.tolist()

@@ -12,12 +12,16 @@ is "\n", "\n", "red").
 Each `<image>` in a user turn becomes IMG_START + n * IMG_CONTEXT + IMG_END, n taken in order from
 `image_token_counts` (LEO: 512 per tile; LEO-MINI: the CoTR query count, e.g. 64).
 
-Templates: 'internlm2_chat' (ChatML, LEO), 'llama3' (LEO-MINI-Llama3), 'vicuna_v1' (LLaVA-1.5 /
-LEO-MINI-Vicuna), 'plain' (projector pretraining: image tokens, caption, EOS; user text dropped).
+Templates: 'leo_internlm2_chat' (LEO: the official LEO code's 'internlm2-chat' conversation, MPT separators: fixed
+system message, no newline after <|im_end|>, every message stripped), 'internlm2_chat' (generic ChatML, as
+InternLM2 / InternVL: a newline after each <|im_end|>, no default system message), 'llama3' (LEO-MINI-Llama3),
+'vicuna_v1' (LLaVA-1.5 / LEO-MINI-Vicuna), 'plain' (projector pretraining: image tokens, caption, EOS; user text
+dropped). `chat_template_jinja` writes any of them as a Hugging Face Jinja chat template.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +40,8 @@ GENERATION_PROBE = "Answer"
 
 INTERNVL_SYSTEM_PROMPT = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                           "是一个有用无害的人工智能助手。")
+LEO_SYSTEM_PROMPT = ("You are LEO, a multimodal large language model developed by Waterloo WISE lab. You are a "
+                     "helpful and harmless AI assistant")
 VICUNA_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
                         "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -51,7 +57,9 @@ class ConversationTemplate:
     Rendered text: prefix, system block (if any), then per exchange
     user.format(content) + assistant_header + answer_separator + answer + answer_end + after_answer.
     Supervised: answer_separator, answer and answer_end. A generation prompt ends where the answer's
-    first token would start (after assistant_header; see encode_conversation).
+    first token would start (after assistant_header; see encode_conversation). `strip`: every message (and the
+    system prompt) is stripped of surrounding whitespace first, as LEO's training code does. `upstream_name`: the
+    name of this exact format in the official LEO code (its config.json `template`), None if it has none.
     """
 
     name: str
@@ -67,11 +75,19 @@ class ConversationTemplate:
     special_tokens: tuple[str, ...]  # template tokens the tokenizer must treat atomically
     multi_turn: bool = True
     keep_user_text: bool = True
+    strip: bool = False
+    upstream_name: str | None = None
 
 
 TEMPLATES = {
     t.name: t
     for t in (
+        ConversationTemplate(
+            name="leo_internlm2_chat", add_bos=True, prefix="",
+            system="<|im_start|>system\n{content}<|im_end|>", default_system_prompt=LEO_SYSTEM_PROMPT,
+            user="<|im_start|>user\n{content}<|im_end|>", assistant_header="<|im_start|>assistant\n",
+            answer_separator="", answer_end="<|im_end|>", after_answer="",
+            special_tokens=("<|im_start|>", "<|im_end|>"), strip=True, upstream_name="internlm2-chat"),
         ConversationTemplate(
             name="internlm2_chat", add_bos=True, prefix="",
             system="<|im_start|>system\n{content}<|im_end|>\n", default_system_prompt=None,
@@ -209,6 +225,9 @@ def _normalise_turns(conversations, template: ConversationTemplate, add_generati
 def _render(template, tokenizer, system_prompt, exchanges):
     """Returns (text, user_spans, answer_spans): character spans of user content and supervised text."""
     pieces: list[tuple[str, str]] = [(template.prefix, "template")]
+    if template.strip:
+        system_prompt = system_prompt.strip() if system_prompt else system_prompt
+        exchanges = [(user.strip(), None if answer is None else answer.strip()) for user, answer in exchanges]
     if system_prompt and template.system:
         before, after = template.system.split("{content}")
         pieces += [(before, "template"), (system_prompt, "template"), (after, "template")]
@@ -325,3 +344,50 @@ def ensure_image_placeholders(conversations: Sequence[dict], num_images: int) ->
                 turn["value"] = (IMAGE_PLACEHOLDER + "\n") * num_images + turn["value"]
                 break
     return conversations
+
+
+def chat_template_jinja(template: str | ConversationTemplate) -> str:
+    """`template` as a Hugging Face chat template (tokenizer_config.json `chat_template`): messages with roles
+    'system' (optional, first), 'user', 'assistant'; '<image>' stays in the text for the caller to expand, as the
+    official LEO `chat()` does. It renders the text `encode_conversation` tokenizes, BOS included (HF's
+    `apply_chat_template` tokenizes without adding special tokens), and `add_generation_prompt` ends after the
+    assistant header."""
+    template = get_template(template)
+
+    def text(s: str) -> str:  # a Jinja string literal (JSON escapes are Jinja's unicode-escape escapes)
+        parts = [json.dumps(part) if part != EOS else "eos_token" for part in _split_eos(s)]
+        return "{{ " + " ~ ".join(parts) + " }}" if parts else ""
+
+    def content(expr: str) -> str:
+        return "{{ " + expr + (" | trim" if template.strip else "") + " }}"
+
+    user_before, user_after = template.user.split("{content}")
+    system = ""
+    if template.system:
+        system_before, system_after = template.system.split("{content}")
+        system = "{% if system %}" + text(system_before) + content("system") + text(system_after) + "{% endif %}"
+    user_text = content("message['content']") if template.keep_user_text else \
+        "{{ '<image>' * message['content'].count('<image>') }}"
+    default = json.dumps(template.default_system_prompt or "")
+    return ("{% set system = " + default + " %}{% set turns = messages %}"
+            "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+            "{% set turns = messages[1:] %}{% endif %}"
+            + ("{{ bos_token }}" if template.add_bos else "") + text(template.prefix) + system
+            + "{% for message in turns %}{% if message['role'] == 'user' %}" + text(user_before) + user_text
+            + text(user_after) + "{% elif message['role'] == 'assistant' %}" + text(template.assistant_header)
+            + text(template.answer_separator) + content("message['content']") + text(template.answer_end)
+            + text(template.after_answer) + "{% else %}{{ raise_exception('chat template " + template.name
+            + ": roles are system (first), user and assistant') }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + text(template.assistant_header) + "{% endif %}")
+
+
+def _split_eos(s: str) -> list[str]:
+    """`s` cut around the EOS placeholder, which is kept as its own part."""
+    parts = s.split(EOS)
+    out = []
+    for i, part in enumerate(parts):
+        if i:
+            out.append(EOS)
+        if part:
+            out.append(part)
+    return out
