@@ -28,7 +28,9 @@ def get_config():
     config.data.leo.max_tiles = 2
     config.data.leo.max_tiles_per_row = 2
     config.data.tokenizer = SYNTHETIC_TOKENIZER_PATH
-    config.data.seq_len = 128
+    # LEO's fixed system message alone is 83 tokens of the synthetic tokenizer (byte pieces); a 2-tile question row
+    # with its follow-ups then takes up to ~210 tokens
+    config.data.seq_len = 224
     config.data.global_batch_size = 16
     config.data.eval_batch_size = 16
     return config

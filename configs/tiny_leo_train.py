@@ -10,7 +10,7 @@ from configs import common_train, tiny_leo, tiny_leo_mini_train
 
 def get_config():
     config = tiny_leo.get_config()
-    # Two more questions about the same image in every question sample: they fill the 128-token rows (the step costs
+    # Two more questions about the same image in every question sample: they fill the rows (the step costs
     # the same) and triple the supervision per image (measured at 2000 steps: exists 0.51 -> 0.75, colour 0.57 ->
     # 0.72).
     config.synthetic = tiny_leo_mini_train.synthetic_section(multi_image_fraction=0.02, follow_ups=2)

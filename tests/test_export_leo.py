@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from leo_jax import convert
 from leo_jax.config import load_config
 from leo_jax.convert.api import abstract_model, module_from_params
-from leo_jax.convert.core import ConversionError, get_family
+from leo_jax.convert import leo as leo_convert
+from leo_jax.convert.core import ConversionError, export_tensors, get_family
 from leo_jax.convert.leo import canonical, export_components
 from leo_jax.data.image_processing import get_preprocessor
 from leo_jax.models.registry import model_config
@@ -297,3 +298,63 @@ def test_clear_errors(leo, exported, tmp_path):
     inputs["image_flags"] = torch.tensor([1, 1, 1, 1])  # the masked slot claimed as real: 32 tokens too many
     with pytest.raises(ValueError, match=r"input_ids hold 96 <IMG_CONTEXT> tokens but the tiles give 128 visual"):
         torch_model(**inputs)
+
+
+def _upstream_sizes(hf: dict) -> dict:
+    """The official LEO code's own sizing of what the config.json builds (its LeoModel.__init__ and MLP)."""
+    v1, v2, ratio = hf["vision_config_1"], hf["vision_config_2"], hf["downsample_ratio"]
+    size = hf["force_image_size"] or v1["image_size"]
+    return dict(mlp1_in=v1["hidden_size"] * int(1 / ratio) ** 2, mlp2_in=v1["hidden_size"] * int(1 / ratio) ** 2,
+                num_image_token=int((size // v1["patch_size"]) ** 2 * (ratio ** 2)) * 2,
+                sam_tokens=2 * (v2["image_size"] // v2["patch_size"] // int(hf["downsample_ratio2"])) ** 2)
+
+
+def _exported_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} the exporter writes for `cfg`, without allocating the weights (np.empty pages that are
+    never written stay virtual; each tensor is converted and dropped in turn)."""
+    fam = get_family("leo")
+    state = nnx.state(abstract_model(fam, cfg), nnx.Param)
+    params = {"/".join(map(str, p)): np.empty(v.get_value().shape, np.int8) for p, v in nnx.to_flat_state(state)}
+    return {name: tuple(a.shape) for name, a in export_tensors(fam, cfg, params)}
+
+
+@pytest.mark.parametrize("preset", ["tiny_leo", "leo_8b"])
+def test_every_leo_preset_exports_a_config_the_official_code_builds(preset):
+    """On the exported config.json alone: the official sizing rules hold (mlp2's input = mlp1's, num_image_token =
+    tokens per tile = SAM's), every field it reads is explicit, and leo_jax.pytorch.LeoModel built from it (meta
+    device, no memory) loads the exported names and shapes strictly. leo_8b's image-context id comes from the
+    tokenizer at export (its preset has none), so only that field is left to the export's tokenizer check."""
+    config = load_config(preset)
+    cfg = canonical(model_config(config.model))
+    hf = json.loads(json.dumps(leo_convert.config_to_hf(cfg, leo_convert.data_fields(config.data))))
+    sizes = _upstream_sizes(hf)
+    llm_width = hf["llm_config"]["hidden_size"]
+    assert sizes["mlp2_in"] == hf["vision_config_2"]["output_channels"] * hf["downsample_ratio2"] ** 2
+    assert sizes["num_image_token"] == sizes["sam_tokens"] == hf["num_image_token"] == cfg.tokens_per_tile()
+    assert hf["vision_config_1"]["use_flash_attn"] is False and hf["llm_config"]["attn_implementation"] == "eager"
+    assert hf["template"] == "internlm2-chat" and hf["system_message"].startswith("You are LEO")
+    assert "drop_path_rate" in hf["vision_config_1"] and hf["select_layer"] == -1 and hf["ps_version"] == "v2"
+    problems = leo_convert.upstream_problems(hf)
+    assert problems == ([] if preset == "tiny_leo" else [problems[0]])
+    if preset == "leo_8b":
+        assert problems[0].startswith("img_context_token_id=-1")
+    with torch.device("meta"):
+        torch_model = LeoModel(hf)
+    assert tuple(torch_model.mlp2[1].weight.shape) == (llm_width, sizes["mlp2_in"])
+    shapes = _exported_shapes(cfg)
+    missing, unexpected = torch_model.load_state_dict(
+        {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}, strict=True, assign=True)
+    assert not missing and not unexpected
+
+
+def test_official_sizing_rule_is_checked(leo):
+    """The previous tiny preset (SAM neck 32 channels: mlp2 input 128, official 256) is named field by field."""
+    config, model = leo
+    cfg = dataclasses.replace(model.cfg, sam={**model.cfg.sam, "output_channels": 32})
+    problems = leo_convert.upstream_problems(leo_convert.config_to_hf(cfg, {}))
+    assert len(problems) == 1
+    assert "vision_config_2.output_channels=32 x downsample_ratio2=2^2 = 128" in problems[0]
+    assert "vision_config_1.hidden_size=64 x (1 / downsample_ratio=0.5)^2 = 256" in problems[0]
+    qwen = dataclasses.replace(model.cfg, llm={**model.cfg.llm, "family": "qwen2", "qkv_bias": True})
+    assert "llm_config.architectures[0]='Qwen2ForCausalLM'" in leo_convert.upstream_problems(
+        leo_convert.config_to_hf(canonical(qwen), {}))[0]

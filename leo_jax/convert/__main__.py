@@ -2,12 +2,16 @@
 
     python -m leo_jax.convert import-hf --src HF_DIR --out CKPT_DIR [--family llama|qwen2|internlm2|...]
     python -m leo_jax.convert export-hf --src CKPT_DIR --out HF_DIR [--dtype bfloat16] [--max-shard-gb 5]
-    python -m leo_jax.convert export --ckpt TRAIN_DIR --out DIR [--components] [--dtype bfloat16]
+    python -m leo_jax.convert export --ckpt TRAIN_DIR --out DIR [--components] [--dtype bfloat16] [--tokenizer PATH]
+                                     [--allow-nonofficial]
 
 `export` writes the model of a training checkpoint (a workdir, its checkpoints/ or one step directory) as
 config.json + safetensors: LEO in the official LEO layout (vision_model_1/vision_model_2/mlp1/mlp2/language_model,
 loadable by leo_jax.pytorch.LeoModel), LEO-MINI in leo_jax.pytorch.LeoMiniForCausalLM's layout, an LLM in its Hugging
-Face family's layout. `--components` also writes each part (LLM, vision encoders) as its own Hugging Face directory
+Face family's layout; LEO / LEO-MINI directories also hold the tokenizer (tokenizer_config.json with the training
+chat template) and preprocessor_config.json, so the directory alone is enough. A LEO that the official LEO code
+cannot build (e.g. mlp2's input width differing from mlp1's) is refused, naming the fields, unless
+--allow-nonofficial. `--components` also writes each part (LLM, vision encoders) as its own Hugging Face directory
 under OUT/components/. `import-hf` reads any of these back (whole models included).
 """
 
@@ -42,6 +46,10 @@ def main(argv=None) -> int:
     whole.add_argument("--components", action="store_true",
                        help="also write each component as a Hugging Face directory under OUT/components/")
     whole.add_argument("--max-shard-gb", type=float, default=5.0, help="split safetensors above this size")
+    whole.add_argument("--tokenizer", default=None,
+                       help="tokenizer to ship (default: the run's data.tokenizer); must be the one it trained with")
+    whole.add_argument("--allow-nonofficial", action="store_true",
+                       help="export a LEO that the official LEO code cannot build (leo_jax.pytorch loads it)")
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -49,7 +57,8 @@ def main(argv=None) -> int:
             out = import_hf(args.src, args.out, family=args.family, param_dtype=args.param_dtype)
         elif args.command == "export":
             out = export_trained(args.ckpt, args.out, dtype=args.dtype, components=args.components,
-                                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                                 max_shard_bytes=int(args.max_shard_gb * 1024**3), tokenizer=args.tokenizer,
+                                 allow_nonofficial=args.allow_nonofficial)
         else:
             out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     except (ConversionError, FileNotFoundError, ValueError) as e:

@@ -72,18 +72,45 @@ def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype
 
 
 def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
-                   components: bool = False, max_shard_bytes: int = 5 * 1024**3) -> Path:
+                   components: bool = False, max_shard_bytes: int = 5 * 1024**3, tokenizer: str | None = None,
+                   allow_nonofficial: bool = False) -> Path:
     """The model of a training checkpoint as one directory (its kind's family: 'leo' in the official LEO layout,
     'leo_mini', or the LLM's own family) and, with `components`, each part as a Hugging Face directory under
-    out/components/ (the whole-model family module's `export_components`)."""
+    out/components/ (the whole-model family module's `export_components`).
+
+    LEO / LEO-MINI directories also get the tokenizer (`tokenizer`, default the run's data.tokenizer), its
+    tokenizer_config.json with the training template as `chat_template`, and preprocessor_config.json, so the
+    directory alone is enough; the model's image-context id must be that tokenizer's <IMG_CONTEXT>. A family with
+    a reference implementation (LEO: the official code) refuses a config that code cannot build, naming the
+    fields, unless `allow_nonofficial`."""
     import importlib
 
+    from leo_jax.data import export_files, templates
     from leo_jax.train.checkpoint import load_trained
 
     model, config = load_trained(str(ckpt))
     kind = config.model.kind
     family = model.cfg.family if kind == "llm" else kind
-    path = export_module(model, family, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    fam = get_family(family)
+    hf_fields = {}
+    if kind != "llm":
+        data = config.data.copy_and_resolve_references()
+        data.tokenizer = tokenizer or data.tokenizer
+        if not data.tokenizer:
+            raise ConversionError(f"{ckpt}: the run's config has no data.tokenizer; pass --tokenizer PATH (the "
+                                  f"tokenizer the model was trained with), which the export ships")
+        hf_fields = fam.data_fields(data)
+        problems = fam.upstream_problems(fam.config_to_hf(model.cfg, hf_fields))
+        if problems and not allow_nonofficial:
+            raise ConversionError(f"the official {family} code cannot build this model: " + "; ".join(problems)
+                                  + " (--allow-nonofficial exports it anyway, for leo_jax.pytorch only)")
+        shipped = export_files.write_processing_files(model.cfg, data, kind, out)
+        context_id = shipped.token_to_id(templates.IMG_CONTEXT)
+        if context_id != model.cfg.image_context_id:
+            raise ConversionError(f"config.model.image_context_id={model.cfg.image_context_id} but the tokenizer "
+                                  f"{data.tokenizer} has {templates.IMG_CONTEXT} at id {context_id}: pass the "
+                                  f"tokenizer the model was trained with (--tokenizer)")
+    path = export_module(model, family, out, dtype=dtype, hf_config=hf_fields, max_shard_bytes=max_shard_bytes)
     if components:
         if kind == "llm":
             raise ConversionError("--components applies to LEO / LEO-MINI checkpoints; an LLM is one component")

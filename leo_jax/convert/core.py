@@ -97,6 +97,10 @@ class Family:
     write_config: Callable[[dict, Path], None] = lambda hf, out_dir: write_json(out_dir / "config.json", hf)
     with_dtype: Callable[[Any, str, str], Any] = lambda cfg, dtype, param_dtype: dataclasses.replace(
         cfg, dtype=dtype, param_dtype=param_dtype)
+    # training config's `data` section -> config.json fields the family's own code reads (templates, tiling)
+    data_fields: Callable[[Any], dict] = lambda data_config: {}
+    # config.json -> what keeps the family's reference code (e.g. the official LEO) from building it; [] = nothing
+    upstream_problems: Callable[[dict], list[str]] = lambda hf: []
 
 
 FAMILIES: dict[str, Family] = {}

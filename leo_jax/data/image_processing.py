@@ -243,6 +243,16 @@ class Preprocessor(abc.ABC):
         """uint8 [H, W, 3] ready for ``device`` (one copy: PIL buffer -> numpy)."""
         return np.asarray(self.host_image(image))
 
+    def settings(self) -> dict:
+        """What an exported model's preprocessor_config.json records: the geometry (``_geometry_settings``), then
+        rescale and mean/std, in Hugging Face image-processor names."""
+        return {"kind": self.kind, **self._geometry_settings(), "rescale_factor": self.rescale_factor,
+                "image_mean": list(self.mean), "image_std": list(self.std)}
+
+    @abc.abstractmethod
+    def _geometry_settings(self) -> dict:
+        """The resize / crop / pad rule and its sizes."""
+
     def device(self, pixels: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
         """Rescale and normalise uint8 pixels [..., H, W, 3] (NHWC) on device, as transformers does on host."""
         if pixels.shape[-1] != 3:
@@ -261,6 +271,11 @@ class ResizePreprocessor(Preprocessor):
         height, width = (size, size) if isinstance(size, int) else size
         super().__init__((height, width), mean, std, rescale_factor)
         self.resample = _resample_filter(resample)
+
+    def _geometry_settings(self) -> dict:
+        height, width = self.output_size
+        return {"resize": "resize", "size": {"height": height, "width": width},
+                "resample": self.resample.name.lower()}
 
     def _geometry(self, image: Image.Image) -> Image.Image:
         height, width = self.output_size
@@ -282,6 +297,12 @@ class ShortestEdgeCropPreprocessor(Preprocessor):
         self.shortest_edge = int(shortest_edge)
         self.resample = _resample_filter(resample)
         self.crop_rounding = crop_rounding
+
+    def _geometry_settings(self) -> dict:
+        height, width = self.output_size
+        return {"resize": "shortest_edge_then_center_crop", "size": {"shortest_edge": self.shortest_edge},
+                "crop_size": {"height": height, "width": width}, "crop_rounding": self.crop_rounding,
+                "resample": self.resample.name.lower()}
 
     def _geometry(self, image: Image.Image) -> Image.Image:
         height, width = shortest_edge_size(image.height, image.width, self.shortest_edge)
@@ -311,6 +332,12 @@ class SamPreprocessor(Preprocessor):
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the un-padded image content for an input of ``height x width``."""
         return longest_edge_size(height, width, self.longest_edge)
+
+    def _geometry_settings(self) -> dict:
+        pad_h, pad_w = self.output_size
+        return {"resize": "longest_edge_then_pad", "size": {"longest_edge": self.longest_edge},
+                "pad_size": {"height": pad_h, "width": pad_w}, "padding": "bottom_right_zeros_after_normalize",
+                "resample": self.resample.name.lower()}
 
     def _geometry(self, image: Image.Image) -> Image.Image:
         height, width = self.resized_size(image.height, image.width)
@@ -408,6 +435,12 @@ class Pix2StructPreprocessor:
         self.max_patches = int(max_patches)
         self.patch_size = int(patch_size)
         self.patch_dim = 2 + 3 * self.patch_size**2
+
+    def settings(self) -> dict:
+        """What an exported model's preprocessor_config.json records (transformers' Pix2StructImageProcessor names)."""
+        return {"kind": self.kind, "resize": "max_patches_keep_aspect", "max_patches": self.max_patches,
+                "patch_size": {"height": self.patch_size, "width": self.patch_size}, "do_normalize": True,
+                "normalize": "per_image_mean_std"}
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of patches for an image of ``height x width`` (transformers' rule)."""

@@ -63,6 +63,11 @@ class Tokenizer(abc.ABC):
     def _add_special_token(self, token: str) -> tuple[int, bool]:
         """Register `token` as atomic; returns (id, newly_added)."""
 
+    @abc.abstractmethod
+    def export(self, out_dir: str, add_bos: bool) -> dict:
+        """Writes the tokenizer file (added tokens included) into `out_dir` so that transformers' AutoTokenizer
+        gives the same ids, BOS first when `add_bos`; returns the tokenizer_config.json entries it needs."""
+
     # --- shared ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added."""
@@ -160,6 +165,17 @@ class HFTokenizer(Tokenizer):
         """Writes the tokenizer (with any added tokens) as a tokenizer.json."""
         self._tok.save(path)
 
+    def export(self, out_dir, add_bos):
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        if add_bos and self.bos_id is not None:
+            bos = self.id_to_token(self.bos_id)
+            tok.post_processor = tokenizers.processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, self.bos_id)])
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
+        return {"tokenizer_class": "PreTrainedTokenizerFast"}
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model; special tokens are split out of the text before SentencePiece sees it.
@@ -251,6 +267,14 @@ class SentencePieceTokenizer(Tokenizer):
         self._special_re = None
         return token_id, added
 
+
+    def export(self, out_dir, add_bos):
+        with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+            f.write(self._sp.serialized_model_proto())
+        added = {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
+                          "single_word": False} for t, i in sorted(self._special.items(), key=lambda kv: kv[1])}
+        return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bool(add_bos and self.bos_id is not None),
+                "add_eos_token": False, "legacy": True, "added_tokens_decoder": added}
 
     def register_added_tokens(self, added_tokens_decoder: dict, source: str) -> None:
         """Registers tokenizer_config.json's `added_tokens_decoder` ({id: {'content': ...}}) at exactly those ids."""

@@ -73,6 +73,12 @@ class LeoConfig:
     def sam_features(self) -> int:
         return self.sam_config.output_channels * self.sam_unshuffle ** 2
 
+    def input_preprocessors(self) -> dict:
+        """Input name (the official LEO forward's) -> the image preprocessor of that input: InternViT at the tile size,
+        SAM at its own image size (longest side, padded square)."""
+        return {"pixel_values": get_preprocessor("intern_vit", size=self.intern_vit_config.image_size),
+                "pixel_values_sam": get_preprocessor("sam", longest_edge=self.sam_config.image_size)}
+
     def tokens_per_tile(self) -> int:
         return 2 * (self.sam_config.grid // self.sam_unshuffle) ** 2
 

@@ -127,6 +127,10 @@ class LeoMiniConfig:
                   "out_features": self.llm_config.hidden_size}
         return ProjectorConfig.from_config(fields, "config.model.projector")
 
+    def input_preprocessors(self) -> dict:
+        """Batch key of each expert's input -> its image preprocessor."""
+        return {spec.batch_key: spec.preprocessor() for spec in self.expert_configs}
+
     def visual_tokens_per_image(self) -> int:
         return int(self.cotr.get("num_queries", CoTRConfig.__dataclass_fields__["num_queries"].default))
 

@@ -1,0 +1,52 @@
+"""The files an exported model directory holds next to its weights so that it is usable alone: the tokenizer
+(tokenizer.json, or a SentencePiece tokenizer.model, with the image tokens), tokenizer_config.json with the special
+tokens and `chat_template` (the training conversation template as Jinja), and preprocessor_config.json (per encoder
+or expert: size, resize rule, mean/std; LEO's tiling). All of it comes from the training config's `data` section,
+through the same objects the data pipeline uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from leo_jax.data import pipeline, templates
+from leo_jax.data.tokenizer import Tokenizer
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, template_name: str, seq_len: int, out: Path) -> None:
+    """tokenizer.json / tokenizer.model + tokenizer_config.json (special tokens, chat_template, model_max_length)."""
+    template = templates.get_template(template_name)
+    config = tokenizer.export(str(out), add_bos=template.add_bos)
+    name = lambda token_id: None if token_id is None else tokenizer.id_to_token(token_id)  # noqa: E731
+    config.update(bos_token=name(tokenizer.bos_id), eos_token=name(tokenizer.eos_id), pad_token=name(tokenizer.pad_id),
+                  chat_template=templates.chat_template_jinja(template), model_max_length=int(seq_len),
+                  clean_up_tokenization_spaces=False, leo_jax_template=template.name)
+    _write_json(out / "tokenizer_config.json", config)
+
+
+def preprocessor_config(model_cfg, data_config, model_kind: str) -> dict:
+    """{'model_kind', 'encoders': {model input name: preprocessor settings}, LEO: 'tiling' (from the data config)}."""
+    config: dict = {"model_kind": model_kind, "encoders": {name: pre.settings() for name, pre in
+                                                           model_cfg.input_preprocessors().items()}}
+    if model_kind == "leo":
+        leo = data_config.leo
+        config["tiling"] = {"tile_size": leo.tile_size, "min_tiles": leo.min_tiles, "max_tiles": leo.max_tiles,
+                            "use_thumbnail": leo.use_thumbnail, "tokens_per_tile": leo.tokens_per_tile,
+                            "several_images": "each image gets max_tiles // number of images tiles",
+                            "inputs": "every tile (thumbnail last) goes to both encoders.pixel_values and "
+                                      "encoders.pixel_values_sam"}
+    return config
+
+
+def write_processing_files(model_cfg, data_config, model_kind: str, out: str | Path) -> Tokenizer:
+    """Writes the tokenizer files and preprocessor_config.json into `out`; returns the tokenizer (image tokens
+    registered, as in training)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = pipeline.prepare_tokenizer(data_config)
+    write_tokenizer_files(tokenizer, data_config.template, data_config.seq_len, out)
+    _write_json(out / "preprocessor_config.json", preprocessor_config(model_cfg, data_config, model_kind))
+    return tokenizer
