@@ -105,6 +105,29 @@ def test_cotr_equals_torch_reference_of_the_equations(experts, pooling, scale, v
         assert np.max(np.abs(_run(without, features, masks, text, text_mask) - ours)) > 1e-2
 
 
+@pytest.mark.parametrize("experts, pooling, visual_bias, spatial_prior", [
+    (THREE_EXPERTS, "sum", True, 0.0), (SQUARE_EXPERTS, "mean", False, 0.25)])
+def test_attention_weights_are_the_softmax_that_makes_the_output(experts, pooling, visual_bias, spatial_prior):
+    """`CoTR.attention` returns A_i: rows sum to 1 over the valid tokens, padding gets 0, and concat_i(A_i I_i)
+    recomputed from them is the call's output."""
+    cfg = _config(experts, pooling, visual_bias=visual_bias, spatial_prior=spatial_prior)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    weights = module.attention([jnp.asarray(f) for f in features], jnp.asarray(text),
+                               feature_masks=[jnp.asarray(m) for m in masks], text_mask=jnp.asarray(text_mask))
+    weights = [np.asarray(w) for w in weights]
+    for w, m, n in zip(weights, masks, cfg.expert_tokens):
+        assert w.shape == (4, cfg.num_queries, n) and w.dtype == np.float32
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+        assert np.all(w[:3][~np.broadcast_to(m[:3, None, :], w[:3].shape)] == 0), "padding must get weight 0"
+        assert w[:3].max() > 2.0 / n, "weights are near uniform: the check would not see a wrong softmax"
+    recomputed = np.concatenate([np.einsum("bqn,bnd->bqd", w, np.where(m[..., None], f, 0))
+                                 for w, f, m in zip(weights, features, masks)], axis=-1)
+    diff = float(np.max(np.abs(recomputed - _run(module, features, masks, text, text_mask))))
+    print(f"CoTR output recomputed from the returned weights: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+
+
 def test_a_sharp_spatial_prior_pools_each_query_region():
     """With zero queries and projections only the prior is left: each of the 2 x 2 queries averages the 2 x 2 block
     of the 4 x 4 token grid under its cell (its four equally near tokens)."""

@@ -163,6 +163,20 @@ class CoTR(nnx.Module):
                  text_mask: jax.Array | None = None) -> jax.Array:
         """features[i] [B, N_i, d_i] with feature_masks[i] [B, N_i] (True = real token; all False for a sample
         without image, whose output is then 0); text [B, T, d_text] with text_mask [B, T] (True = prompt token)."""
+        dtype = to_dtype(self.cfg.dtype)
+        weights, features = self._attend(features, text, feature_masks, text_mask)
+        outputs = [jnp.einsum("bqn,bnd->bqd", w.astype(dtype), f) for w, f in zip(weights, features)]
+        return constrain(jnp.concatenate(outputs, axis=-1), ("batch", "length", "act_embed"))
+
+    def attention(self, features: Sequence[jax.Array], text: jax.Array, *,
+                  feature_masks: Sequence[jax.Array | None] | None = None,
+                  text_mask: jax.Array | None = None) -> list[jax.Array]:
+        """The softmax weights A_i [B, N^V, N_i] (fp32) of every expert, for the same inputs as the call: the CoTR
+        output is concat_i(A_i I_i), so row q of A_i is what output token q looks at (attention maps)."""
+        return self._attend(features, text, feature_masks, text_mask)[0]
+
+    def _attend(self, features, text, feature_masks, text_mask) -> tuple[list[jax.Array], list[jax.Array]]:
+        """(A_i [B, N^V, N_i] fp32, the masked features I_i in the compute dtype) of every expert."""
         cfg = self.cfg
         dtype = to_dtype(cfg.dtype)
         self._check_inputs(features, text, feature_masks, text_mask)
@@ -178,8 +192,8 @@ class CoTR(nnx.Module):
             for t, m in zip(tokens, masks):
                 bias = bias + masked_pool(t, m, cfg.pooling)  # + pool(Ī_i) + Σ_{j≠i} pool(Ī_j)
 
-        outputs = []
-        for i, (expert, f, t, m) in enumerate(zip(self.experts, features, tokens, masks)):
+        weights = []
+        for i, (expert, t, m) in enumerate(zip(self.experts, tokens, masks)):
             rows = expert.query_proj(expert.query[...])[None] + bias[:, None, :]  # [B, N^V, d_p]
             scores = jnp.einsum("bqp,bnp->bqn", rows, t, preferred_element_type=jnp.float32) * cfg.score_scale(i)
             if cfg.spatial_prior > 0:
@@ -187,9 +201,8 @@ class CoTR(nnx.Module):
             scores = jnp.where(m[:, None, :], scores, MASK_VALUE)
             # Padding gets weight exactly 0 (exp underflows). A sample without image has uniform weights over its
             # padding, whose features were zeroed above, so its output is 0 (and its gradients finite).
-            weights = jax.nn.softmax(scores, axis=-1)
-            outputs.append(jnp.einsum("bqn,bnd->bqd", weights.astype(dtype), f))
-        return constrain(jnp.concatenate(outputs, axis=-1), ("batch", "length", "act_embed"))
+            weights.append(jax.nn.softmax(scores, axis=-1))
+        return weights, features
 
     def _check_inputs(self, features, text, feature_masks, text_mask) -> None:
         cfg = self.cfg

@@ -184,6 +184,25 @@ class LeoMini(nnx.Module):
     def visual_tokens(self, batch: Mapping[str, jax.Array], text: jax.Array, text_mask: jax.Array) -> jax.Array:
         """Per image: experts -> CoTR (conditioned on the pooled prompt of its sample) -> projector.
         Returns [B, M, N^V, d_llm]; `text` [B, M, 1, d] pooled prompts with `text_mask` [B, M, 1]."""
+        b, m = batch["image_mask"].shape
+        features, masks = self._expert_features(batch)
+        reduced = self.cotr(features, text.reshape(b * m, 1, -1), feature_masks=masks,
+                            text_mask=text_mask.reshape(b * m, 1))
+        return self.projector(reduced).reshape(b, m, reduced.shape[1], -1)
+
+    def cotr_attention(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """CoTR's attention weights for a model batch, per expert name: [B, M, N^V, N_i] (fp32), row q = what
+        visual token q of each image looks at among the expert's N_i tokens (its token grid, row-major), given the
+        image's prompt. The same computation as the forward pass: the weights that make its visual tokens."""
+        b, m = batch["image_mask"].shape
+        text, text_mask, _ = self._pooled_prompts(batch, self.llm.embed(batch["input_ids"]))
+        features, masks = self._expert_features(batch)
+        weights = self.cotr.attention(features, text.reshape(b * m, 1, -1), feature_masks=masks,
+                                      text_mask=text_mask.reshape(b * m, 1))
+        return {spec.name: w.reshape(b, m, *w.shape[1:]) for spec, w in zip(self.specs, weights)}
+
+    def _expert_features(self, batch: Mapping[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Every expert's tokens [B*M, N_i, d_i] and token masks [B*M, N_i] (False for empty image slots)."""
         features, masks = [], []
         b, m = batch["image_mask"].shape
         for spec in self.specs:
@@ -197,9 +216,22 @@ class LeoMini(nnx.Module):
                 tokens, mask = expert_tokens(spec, self.experts[spec.name], pre.device(x))
             features.append(tokens)
             masks.append(mask & batch["image_mask"].reshape(b * m, 1))
-        reduced = self.cotr(features, text.reshape(b * m, 1, -1), feature_masks=masks,
-                            text_mask=text_mask.reshape(b * m, 1))
-        return self.projector(reduced).reshape(b, m, reduced.shape[1], -1)
+        return features, masks
+
+    def _pooled_prompts(self, batch: Mapping[str, jax.Array], text_embeds: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(pooled prompt [B, M, 1, d] of the sample owning each image (sum or mean, as CoTR pools), its mask
+        [B, M, 1], the prompt-token mask [B, T] without <IMG_CONTEXT>)."""
+        ids = batch["input_ids"]
+        image_mask = batch["image_mask"]
+        image_segments = batch.get("image_segment_ids", jnp.where(image_mask, 1, 0).astype(jnp.int32))
+        prompt = batch["prompt_mask"].astype(bool) & (ids != self.cfg.image_context_id)
+        owner = (prompt[:, None, :] & (batch["segment_ids"][:, None, :] == image_segments[:, :, None])
+                 ).astype(jnp.float32)
+        text = jnp.einsum("bmt,btd->bmd", owner, text_embeds.astype(jnp.float32))
+        if self.cotr.cfg.pooling == "mean":
+            text = text / jnp.maximum(jnp.sum(owner, axis=-1, keepdims=True), 1.0)
+        return text[:, :, None, :], jnp.any(owner > 0, axis=-1, keepdims=True), prompt
 
     def embed_inputs(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
                      deterministic: bool = True) -> tuple[jax.Array, RoutingContext]:
@@ -212,14 +244,8 @@ class LeoMini(nnx.Module):
         text_embeds = self.llm.embed(ids)
         image_mask = batch["image_mask"]
         image_segments = batch.get("image_segment_ids", jnp.where(image_mask, 1, 0).astype(jnp.int32))
-        prompt = batch["prompt_mask"].astype(bool) & (ids != cfg.image_context_id)
-        # the pooled prompt (sum or mean, as CoTR pools) of the sample owning each image
-        owner = (prompt[:, None, :] & (segments[:, None, :] == image_segments[:, :, None])).astype(jnp.float32)
-        text = jnp.einsum("bmt,btd->bmd", owner, text_embeds.astype(jnp.float32))
-        if self.cotr.cfg.pooling == "mean":
-            text = text / jnp.maximum(jnp.sum(owner, axis=-1, keepdims=True), 1.0)
-        text = text[:, :, None, :]
-        visual = self.visual_tokens(batch, text, jnp.any(owner > 0, axis=-1, keepdims=True))
+        text, text_mask, prompt = self._pooled_prompts(batch, text_embeds)
+        visual = self.visual_tokens(batch, text, text_mask)
         tokens_per_image = visual.shape[2]
         visual_mask = jnp.repeat(image_mask, tokens_per_image, axis=1)
         visual = visual.reshape(visual.shape[0], -1, visual.shape[-1])
