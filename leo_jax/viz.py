@@ -155,8 +155,8 @@ def plot_routing(load: Mapping[str, np.ndarray] | np.ndarray, title: str = "MMoE
     for name, value in panels.items():
         if value.ndim != 2:
             raise ValueError(f"routing load {name!r} must be [layers, experts], got shape {value.shape}")
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 1.6 * len(panels), 2.6), squeeze=False)
-    for ax, (name, value) in zip(axes[0], panels.items()):
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 1.9 * len(panels), 2.9), squeeze=False)
+    for index, (ax, (name, value)) in enumerate(zip(axes[0], panels.items())):
         image = ax.imshow(value, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for (layer, expert), v in np.ndenumerate(value):
             ax.text(expert, layer, f"{v:.2f}", ha="center", va="center", fontsize=7,
@@ -164,10 +164,11 @@ def plot_routing(load: Mapping[str, np.ndarray] | np.ndarray, title: str = "MMoE
         ax.set_xticks(range(value.shape[1]))
         ax.set_yticks(range(value.shape[0]))
         ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
+        if index == 0:
+            ax.set_ylabel("layer")
         ax.set_title(name, fontsize=9)
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.02)
     return fig
 
 
