@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import common_data  # noqa: E402
-from leo_jax.data import pipeline, sources  # noqa: E402
+from leo_jax.config import load_config  # noqa: E402
+from leo_jax.data import pipeline, sources, visual  # noqa: E402
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH  # noqa: E402
 
 
@@ -53,9 +53,9 @@ def write_dataset(directory: str, num_samples: int) -> str:
     return path
 
 
-def cpu_ms_per_sample(config, model_kind: str, num_samples: int) -> float:
+def cpu_ms_per_sample(config, kind, num_samples: int) -> float:
     """CPU time (this process, one thread) of the per-sample transform: load-independent cost of one sample."""
-    transform = pipeline.SampleTransform(config, model_kind, training=True)
+    transform = pipeline.SampleTransform(config, kind, training=True)
     source = sources.open_sources(config.train_files)
     transform(0, (0, source[0]))  # builds tokenizer and preprocessors
     start = time.process_time()
@@ -65,11 +65,11 @@ def cpu_ms_per_sample(config, model_kind: str, num_samples: int) -> float:
     return (time.process_time() - start) / num_samples * 1000
 
 
-def bench(config, model_kind: str, batch_size: int, num_batches: int) -> float:
-    iterator = pipeline.make_train_iterator(config, model_kind, process_index=0, process_count=1)
+def bench(config, kind, batch_size: int, num_batches: int) -> float:
+    iterator = pipeline.make_train_iterator(config, kind, process_index=0, process_count=1)
     try:
         first = next(iterator)  # start-up (worker spawn, tokenizer load) not timed
-        if model_kind == "leo":
+        if "tile_mask" in first:
             assert first["tile_mask"].sum(1).tolist() == [7] * batch_size, first["tile_mask"].sum(1)
         start = time.perf_counter()
         for _ in range(num_batches):
@@ -94,25 +94,29 @@ def main() -> None:
         data = write_dataset(directory, args.samples)
         for model_kind in args.models:
             for workers in args.workers:
-                config = bench_config(data, model_kind, args.batch, workers)
-                rate = bench(config, model_kind, args.batch, num_batches)
+                config, kind = bench_config(data, model_kind, args.batch, workers)
+                rate = bench(config, kind, args.batch, num_batches)
                 print(f"{model_kind:9s} workers={workers}: {rate:6.2f} samples/s")
-            cpu_ms = cpu_ms_per_sample(config, model_kind, min(args.samples, 16))
+            cpu_ms = cpu_ms_per_sample(config, kind, min(args.samples, 16))
             print(f"{model_kind:9s} transform CPU time: {cpu_ms:6.1f} ms/sample "
                   f"(= {1000 / cpu_ms:.1f} samples/s per core)")
 
 
+PRESETS = {"leo": "leo_8b", "leo_mini": "leo_mini_llama3_8b"}
+
+
 def bench_config(data: str, model_kind: str, batch_size: int, workers: int):
-    """Full-size preprocessing settings of the model (common_data defaults), reading ``data``."""
-    config = common_data.get_config()
+    """(data config, data-side kind) of the full-size preset, reading ``data``; LEO's SAM inputs at 1024 px."""
+    full = load_config(PRESETS[model_kind])
+    config = full.data
     config.train_files = data
     config.tokenizer = SYNTHETIC_TOKENIZER_PATH
-    config.template = "internlm2_chat" if model_kind == "leo" else "llama3"
     config.seq_len = 4096 if model_kind == "leo" else 2048
     config.global_batch_size = batch_size
     config.num_epochs = None
     config.num_workers = workers
-    return config
+    config.leo.sam_size = 1024
+    return config, visual.for_config(full)
 
 
 if __name__ == "__main__":  # grain worker processes are spawned: they re-import this module

@@ -38,20 +38,3 @@ def vision_expert(name: str, preset_model: ml_collections.ConfigDict, processor:
     """One LEO-MINI expert entry from an encoder preset's `config.model` and its image preprocessor options."""
     kind, fields = encoder_fields(preset_model)
     return {"name": name, "kind": kind, "encoder": fields, "processor": dict(processor), "grid": grid}
-
-
-def leo_mini_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Points the data pipeline's LEO-MINI section at the model's experts (names, preprocessors, tokens/image)."""
-    data.leo_mini.experts = tuple(e["name"] for e in model.experts)
-    data.leo_mini.expert_options = ml_collections.ConfigDict({e["name"]: dict(e["processor"]) for e in model.experts})
-    data.leo_mini.num_query_tokens = model.cotr.get("num_queries", 64)
-    return data
-
-
-def leo_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict, tokens_per_tile: int):
-    """Points the data pipeline's LEO section at the model's tile size; SAM inputs ship at tile size and are
-    enlarged on device (PIL-exact), ~5x fewer host->device bytes than 1024 px tiles."""
-    data.leo.tile_size = model.intern_vit.image_size
-    data.leo.sam_size = model.intern_vit.image_size
-    data.leo.tokens_per_tile = tokens_per_tile
-    return data

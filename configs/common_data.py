@@ -1,8 +1,8 @@
 """Data pipeline options shared by every preset (``config.data`` in the training presets).
 
-Presets compose this: ``data = common_data.get_config(); data.seq_len = 2048; ...``. The model-dependent sizes
-(tile px, encoder input px, visual tokens per tile / image) must agree with the model config; presets copy them
-from there. Everything is consumed by ``leo_jax.data.pipeline``.
+Presets compose this: ``data = common_data.get_config(); data.seq_len = 2048; ...``. Facts of the model (tile px,
+encoder preprocessors, visual tokens per tile / image) are not here: the pipeline takes them from the model config
+(``leo_jax.data.visual``). Everything is consumed by ``leo_jax.data.pipeline``.
 """
 import ml_collections
 
@@ -61,30 +61,17 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- LEO: adaptive tiling, InternViT + SAM per tile (SPEC 2.1) -----------------------------------------------
     c.leo = ml_collections.ConfigDict()
-    c.leo.tile_size = 448  # InternViT input = tile size
-    c.leo.sam_size = 1024  # SAM input: each tile resized to this (longest side) and padded square
+    # SAM host input px: each tile resized to this (longest side) and padded square. 0 = the tile size, enlarged to
+    # SAM's input on device (PIL-exact), ~5x fewer host->device bytes than 1024 px tiles.
+    c.leo.sam_size = 0
     c.leo.min_tiles = 1
     c.leo.max_tiles = 6  # per sample; split over its images (max_tiles // n_images each), + 1 thumbnail per image
     c.leo.use_thumbnail = True
     c.leo.max_tiles_per_row = 7  # K: tile slots per batch row (>= max_tiles + 1; more when packing)
-    c.leo.tokens_per_tile = 512  # 256 InternViT + 256 SAM tokens interleaved
     c.leo.jpeg_augment = True  # random JPEG re-encoding of the InternViT tiles, training only (LEO recipe)
     c.leo.jpeg_quality_range = (75, 100)  # inclusive, as InternVL's simulate_jpeg_degradation
 
-    # --- LEO-MINI: several vision experts, one image -> num_query_tokens tokens (SPEC 2.2) -----------------------
+    # --- LEO-MINI: several vision experts (their preprocessors come with the model's experts) -----------------------
     c.leo_mini = ml_collections.ConfigDict()
-    # Expert names in model order; each gets a `pixels_<name>` (or `patches_<name>`) batch entry.
-    c.leo_mini.experts = ("clip", "eva02", "convnext", "pix2struct")
-    # Per expert: preprocessor kind (default: the name) and options of image_processing.get_preprocessor
-    # (sizes from each checkpoint: CLIP-L/14-336, EVA-02-L/14-336, ConvNeXt-L at 1024 px in Eagle, Pix2Struct-L).
-    c.leo_mini.expert_options = ml_collections.ConfigDict(
-        {
-            "clip": {"kind": "clip", "shortest_edge": 336, "crop_size": 336},
-            "eva02": {"kind": "eva02", "size": 336},
-            "convnext": {"kind": "convnext", "shortest_edge": 1024},
-            "pix2struct": {"kind": "pix2struct", "max_patches": 576, "patch_size": 16},
-        }
-    )
-    c.leo_mini.num_query_tokens = 64  # visual tokens per image after CoTR
     c.leo_mini.max_images_per_row = 1  # M: image slots per batch row (more for multi-image data or packing)
     return c

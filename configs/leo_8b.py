@@ -14,7 +14,7 @@ def get_config():
         sam=common.encoder_fields(sam_vit_l.get_config().model)[1],
         llm=common.encoder_fields(internlm2_7b.get_config().model)[1], projector=dict(layer_norm=True, act="gelu"),
         intern_unshuffle=0.5, sam_unshuffle=4)
-    config.data = common.leo_data(common_data.get_config(), config.model, tokens_per_tile=512)
+    config.data = common_data.get_config()
     config.data.template = "leo_internlm2_chat"
     config.data.seq_len = 8192
     return config

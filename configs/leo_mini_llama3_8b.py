@@ -36,7 +36,7 @@ def get_config(llm_preset=llama3_8b, template: str = "llama3"):
         "leo_mini", LeoMiniConfig, experts=experts(), llm=llm,
         cotr=dict(num_queries=64, proj_width=256, pooling="sum", scale="sqrt_expert_width"),
         projector=dict(layer_norm=False, act="gelu"))
-    config.data = common.leo_mini_data(common_data.get_config(), config.model)
+    config.data = common_data.get_config()
     config.data.template = template
     config.data.seq_len = 2048
     return config

@@ -8,5 +8,4 @@ def get_config():
     config = leo_mini_llama3_8b.get_config(llm_preset=vicuna_7b, template="vicuna_v1")
     config.model.experts = list(config.model.experts) + [
         common.vision_expert("sam", sam_vit_l.get_config().model, {"kind": "sam", "longest_edge": 1024}, grid=24)]
-    common.leo_mini_data(config.data, config.model)
     return config

@@ -24,7 +24,6 @@ def get_config():
     config.model.llm = common.encoder_fields(llm)[1]
     config.model.projector = dict(layer_norm=True, act="gelu", dtype="float32")
     config.model.image_context_id = tokenizer.token_to_id("<IMG_CONTEXT>")
-    common.leo_data(config.data, config.model, tokens_per_tile=32)
     config.data.leo.max_tiles = 2
     config.data.leo.max_tiles_per_row = 2
     config.data.tokenizer = SYNTHETIC_TOKENIZER_PATH

@@ -34,7 +34,6 @@ def get_config():
                              dtype="float32")
     config.model.projector = dict(layer_norm=False, act="gelu", dtype="float32")
     config.model.image_context_id = tokenizer.token_to_id("<IMG_CONTEXT>")
-    common.leo_mini_data(config.data, config.model)
     config.data.tokenizer = SYNTHETIC_TOKENIZER_PATH
     config.data.template = "llama3"
     config.data.seq_len = 128

@@ -42,18 +42,18 @@ def topology_name(name: str) -> tuple[str, str]:
     return name, "megacore" if name.startswith(("v4", "v5p")) else "default"
 
 
-def batch_shapes(config, data_kind: str):
-    """ShapeDtypeStructs of one global batch (the data contract) from the data config, without reading data."""
+def batch_shapes(config, kind):
+    """ShapeDtypeStructs of one global batch (the data contract) for the model's data-side kind
+    (leo_jax.data.visual) and the data config, without reading data."""
     import jax
     import numpy as np
 
-    from leo_jax.data import pipeline
 
     data = config.data
     b, t = int(data.global_batch_size), int(data.seq_len)
     shapes = {"input_ids": ((b, t), np.int32), "labels": ((b, t), np.int32), "loss_mask": ((b, t), np.float32),
               "segment_ids": ((b, t), np.int32), "positions": ((b, t), np.int32), "prompt_mask": ((b, t), np.bool_)}
-    setup = pipeline.visual_setup(data, data_kind, pipeline.build_preprocessors(data, data_kind))
+    setup = kind.setup(kind.preprocessors())
     if setup.capacity:
         k = setup.capacity
         shapes[setup.mask_key] = ((b, k), np.bool_)
@@ -68,10 +68,10 @@ def compile_train_step(config, devices):
     import jax
     from flax import nnx
 
+    from leo_jax.data import visual
     from leo_jax.models.registry import build_model, model_config
     from leo_jax.sharding import build_mesh
     from leo_jax.train.config import TrainConfig
-    from leo_jax.train.loop import DATA_KINDS
     from leo_jax.train.optimizer import TrainableFilter, check_patterns, count_params, make_optimizer
     from leo_jax.train.state import abstract_train_state, with_shardings
     from leo_jax.train.step import batch_shardings, jit_train_step, make_train_step
@@ -86,7 +86,7 @@ def compile_train_step(config, devices):
     check_patterns(nnx.eval_shape(lambda: build(nnx.Rngs(0))), train)
     mesh = build_mesh(config.mesh, devices=devices)
     graphdef, abstract, shardings = abstract_train_state(build, filt, tx, int(config.seed), mesh)
-    batch = batch_shapes(config, DATA_KINDS[config.model.kind])
+    batch = batch_shapes(config, visual.for_model(model_config(config.model), config.data))
     step = make_train_step(graphdef, tx, schedule, grad_accum_steps=train.grad_accum_steps,
                            balance_loss_weight=train.balance_loss_weight)
     jitted = jit_train_step(step, shardings, batch, mesh)

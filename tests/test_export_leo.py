@@ -65,7 +65,7 @@ def _batch(config, seed=0):
     """Two rows: row 0 two tiles (64 <IMG_CONTEXT>), row 1 one tile and a masked slot (32); text around them,
     right padding. Returns (JAX batch, token lengths)."""
     rng = np.random.default_rng(seed)
-    ctx, per_tile, tile = config.model.image_context_id, 32, config.data.leo.tile_size
+    ctx, per_tile, tile = config.model.image_context_id, 32, config.model.intern_vit.image_size
     length = 100
     ids = np.zeros((2, length), np.int32)
     lengths = []

@@ -18,7 +18,7 @@ from leo_jax.config import load_config
 from leo_jax.convert import api
 from leo_jax.convert.core import ConversionError, get_family
 from leo_jax.convert.leo_mini import export_components
-from leo_jax.data import pipeline, synthetic
+from leo_jax.data import pipeline, synthetic, visual
 from leo_jax.models.leo_mini import PATCH_INPUT_KINDS
 from leo_jax.models.registry import model_config
 from leo_jax.pytorch.leo_mini import LeoMiniForCausalLM, eva_from_config
@@ -87,7 +87,7 @@ def tiny(tmp_path_factory):
                             multi_image_fraction=0.0, text_only_fraction=0.0)
     config = load_config("tiny_leo_mini")
     config.data.update(train_files=str(work / "data" / "data.json"), global_batch_size=2, shuffle=False)
-    iterator = pipeline.make_train_iterator(config.data, "leo_mini", process_index=0, process_count=1)
+    iterator = pipeline.make_train_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
     batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items() if k != "sample_index"}
     model = random_model(model_config(config.model))
     out = api.export_module(model, "leo_mini", work / "hf")

@@ -97,7 +97,7 @@ def test_prompt_inputs_equal_the_training_rows_up_to_the_answer(engines, synthet
     data = engine.config.data.copy_and_resolve_references()
     data.update(eval_files=str(synthetic_dir / "val.json"), eval_batch_size=4)
     data.leo.jpeg_augment = False
-    batch = next(iter(pipeline.make_eval_iterator(data, kind, process_index=0, process_count=1)))
+    batch = next(iter(pipeline.make_eval_iterator(data, engine.kind, process_index=0, process_count=1)))
     lengths = prompt_lengths(batch["loss_mask"])
     records = json.loads((synthetic_dir / "val.json").read_text())
     requests = [Request(tuple(r["conversations"][:1]), (str(synthetic_dir / r["image"]),)) for r in records]
@@ -187,9 +187,9 @@ def test_chat_second_turn_input_is_the_whole_conversation(engines, images, kind)
     key, mask_key = ("tiles", "tile_mask") if kind == "leo" else ("pixels_clip", "image_mask")
     alone = [engine.prepare([Request.single("x", [image])])[0] for image in images[:2]]
     if kind == "leo":  # an image's visual tokens: its own tile count (from its tiling) x tokens per tile
-        counts = [int(a[mask_key].sum()) * engine.config.data.leo.tokens_per_tile for a in alone]
+        counts = [int(a[mask_key].sum()) * engine.kind.tokens_per_tile for a in alone]
     else:
-        counts = [engine.config.data.leo_mini.num_query_tokens] * 2
+        counts = [engine.kind.tokens_per_image] * 2
     expected = templates.encode_conversation(conversation, engine.tokenizer, engine.config.data.template, counts,
                                              add_generation_prompt=True).input_ids
     np.testing.assert_array_equal(batch["input_ids"][0, :int(lengths[0])], expected)

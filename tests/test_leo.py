@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from leo_jax.config import load_config
-from leo_jax.data import pipeline, synthetic
+from leo_jax.data import pipeline, synthetic, visual
 from leo_jax.models.leo import Leo
 from leo_jax.models.projector import pixel_unshuffle_internvl, pixel_unshuffle_torch
 from leo_jax.models.registry import abstract_model, build_model, model_config
@@ -34,7 +34,7 @@ def batches(synthetic_dir):
         config = load_config(preset)
         config.data.update(train_files=str(synthetic_dir / "data.json"), global_batch_size=8, shuffle=False)
         config.data.leo.jpeg_augment = False
-        iterator = pipeline.make_train_iterator(config.data, kind, process_index=0, process_count=1)
+        iterator = pipeline.make_train_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
         out[preset] = (config, {k: jnp.asarray(v) for k, v in next(iter(iterator)).items() if k != "sample_index"})
     return out
 

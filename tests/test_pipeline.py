@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from configs import common_data
-from leo_jax.data import image_processing, pipeline, templates, tiling
+from leo_jax.data import image_processing, pipeline, templates, tiling, visual
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
 
 TILE, SAM, TOKENS_PER_TILE = 28, 32, 4
@@ -86,14 +86,8 @@ def _config(data_dir, files="good.jsonl", **overrides):
     c.seq_len = 128
     c.global_batch_size = 4
     c.eval_batch_size = 4
-    c.leo.tile_size, c.leo.sam_size, c.leo.tokens_per_tile = TILE, SAM, TOKENS_PER_TILE
+    c.leo.sam_size = SAM
     c.leo.max_tiles_per_row = 7
-    c.leo_mini.experts = ("clip", "pix2struct")
-    c.leo_mini.expert_options = {
-        "clip": {"kind": "clip", "shortest_edge": 20, "crop_size": 20},
-        "pix2struct": {"kind": "pix2struct", "max_patches": 16, "patch_size": 4},
-    }
-    c.leo_mini.num_query_tokens = 3
     c.leo_mini.max_images_per_row = 2
     c.read_threads = 1
     c.read_buffer_size = 4
@@ -105,6 +99,23 @@ def _config(data_dir, files="good.jsonl", **overrides):
             target = target[part]
         target[leaf] = value
     return c
+
+
+EXPERTS = {"clip": {"kind": "clip", "shortest_edge": 20, "crop_size": 20},
+           "pix2struct": {"kind": "pix2struct", "max_patches": 16, "patch_size": 4}}
+
+
+def _kind(config, name):
+    """The data-side kind with this test's model facts (TILE px tiles of TOKENS_PER_TILE tokens; two experts and
+    3 tokens per image) and the data config's options."""
+    if name == "leo":
+        return visual.LeoTiles.from_data(config, TILE, TOKENS_PER_TILE)
+    return visual.LeoMiniExperts.from_data(config, EXPERTS, 3)
+
+
+def _iterator(which, config, name="leo", process_index=0, process_count=1):
+    make = pipeline.make_train_iterator if which == "train" else pipeline.make_eval_iterator
+    return make(config, _kind(config, name), process_index=process_index, process_count=process_count)
 
 
 def _all_batches(iterator):
@@ -119,7 +130,7 @@ def _context_id():
 
 def test_leo_eval_batches_follow_the_contract(data_dir):
     config = _config(data_dir)
-    batches = _all_batches(pipeline.make_eval_iterator(config, "leo", process_index=0, process_count=1))
+    batches = _all_batches(_iterator("eval", config))
     assert len(batches) == 6  # 24 records / 4 rows
     context_id = _context_id()
     expected = {
@@ -150,7 +161,7 @@ def test_leo_eval_batches_follow_the_contract(data_dir):
 
 def test_leo_mini_batches_and_text_only_rows(data_dir):
     config = _config(data_dir, packing=True, max_samples_per_row=3, num_epochs=1, shuffle=False)
-    batches = _all_batches(pipeline.make_train_iterator(config, "leo_mini", process_index=0, process_count=1))
+    batches = _all_batches(_iterator("train", config, "leo_mini"))
     context_id = _context_id()
     for batch in batches:
         assert batch["pixels_clip"].shape == (4, 2, 20, 20, 3) and batch["pixels_clip"].dtype == np.uint8
@@ -168,8 +179,8 @@ def test_leo_mini_batches_and_text_only_rows(data_dir):
 
 def test_jpeg_augmentation_only_on_internvit_tiles_in_training(data_dir):
     config = _config(data_dir, shuffle=False, num_epochs=1)
-    train = _all_batches(pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1))
-    evaluation = _all_batches(pipeline.make_eval_iterator(config, "leo", process_index=0, process_count=1))
+    train = _all_batches(_iterator("train", config))
+    evaluation = _all_batches(_iterator("eval", config))
     assert len(train) == len(evaluation)
     for a, b in zip(train, evaluation):
         for key in ("input_ids", "labels", "loss_mask", "sam_tiles", "tile_mask", "sample_index"):
@@ -177,7 +188,7 @@ def test_jpeg_augmentation_only_on_internvit_tiles_in_training(data_dir):
     diffs = [np.abs(a["tiles"].astype(int) - b["tiles"].astype(int)).max() for a, b in zip(train, evaluation)]
     assert max(diffs) > 0  # JPEG re-encoding changed the InternViT tiles
     no_aug = _config(data_dir, shuffle=False, num_epochs=1, **{"leo.jpeg_augment": False})
-    plain = _all_batches(pipeline.make_train_iterator(no_aug, "leo", process_index=0, process_count=1))
+    plain = _all_batches(_iterator("train", no_aug))
     for a, b in zip(plain, evaluation):
         np.testing.assert_array_equal(a["tiles"], b["tiles"])
 
@@ -199,7 +210,7 @@ def reference_run(data_dir):
     """8 packed, shuffled, augmented batches of the mixed (partly bad) data with 0 workers, crossing epochs."""
     config = _config(data_dir, "mixed.jsonl", packing=True, max_samples_per_row=3, num_epochs=None,
                      max_skip_fraction=1.0, seed=7)
-    iterator = pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1)
+    iterator = _iterator("train", config)
     batches = _take(iterator, 8)
     stats = iterator.skip_stats.as_metrics()
     iterator.close()
@@ -210,12 +221,12 @@ def reference_run(data_dir):
 def test_exact_resume_and_worker_independent_order(reference_run, num_workers, tmp_path):
     config, reference, reference_stats = reference_run
     config = _config_copy(config, num_workers=num_workers)
-    first = pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1)
+    first = _iterator("train", config)
     head = _take(first, 3)
     # Saved and restored as the trainer does: Grain's Orbax handler writes get_state() as JSON per process.
     grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), item=first)
     first.close()
-    resumed = pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1)
+    resumed = _iterator("train", config)
     grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), item=resumed)
     tail = _take(resumed, 5)
     stats = resumed.skip_stats.as_metrics()
@@ -234,10 +245,10 @@ def _config_copy(config, **overrides):
 
 def test_seed_fixes_order(reference_run):
     config, reference, _ = reference_run
-    again = pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1)
+    again = _iterator("train", config)
     _assert_same_batches(_take(again, 2), reference[:2])
     again.close()
-    other = pipeline.make_train_iterator(_config_copy(config, seed=8), "leo", process_index=0, process_count=1)
+    other = _iterator("train", _config_copy(config, seed=8))
     assert next(other)["sample_index"].tolist() != reference[0]["sample_index"].tolist()
     other.close()
 
@@ -245,7 +256,7 @@ def test_seed_fixes_order(reference_run):
 def test_bad_input_is_skipped_counted_and_logged(data_dir, caplog):
     config = _config(data_dir, "mixed.jsonl", max_skip_fraction=1.0)
     caplog.set_level(logging.WARNING, logger=pipeline.logger.name)
-    iterator = pipeline.make_eval_iterator(config, "leo", process_index=0, process_count=1)
+    iterator = _iterator("eval", config)
     batches = list(iterator)
     metrics = iterator.skip_stats.as_metrics()
     iterator.close()
@@ -266,7 +277,7 @@ def test_bad_input_is_skipped_counted_and_logged(data_dir, caplog):
 def test_skip_fraction_limit_stops_the_run(data_dir):
     config = _config(data_dir, max_skip_fraction=0.2, min_records_checked=5, shuffle=False)
     config.image_root = str(data_dir)  # wrong image root: every image is missing
-    iterator = pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1)
+    iterator = _iterator("train", config)
     with pytest.raises(pipeline.DataSkipLimitError, match=r"skipped 4 of 5 records.*missing_image.*image_root"):
         next(iterator)
     iterator.close()
@@ -276,7 +287,7 @@ def test_process_shards_are_disjoint_and_equal_length(data_dir):
     config = _config(data_dir, "mixed.jsonl", max_skip_fraction=1.0, eval_batch_size=4)
     per_process = []
     for index in range(2):
-        batches = _all_batches(pipeline.make_eval_iterator(config, "leo", process_index=index, process_count=2))
+        batches = _all_batches(_iterator("eval", config, "leo", index, 2))
         per_process.append(batches)
         assert all(b["input_ids"].shape == (2, 128) for b in batches)  # local rows = global / processes
     assert len(per_process[0]) == len(per_process[1]) == 6  # ceil(ceil(23 / 2) / 2)
@@ -304,7 +315,7 @@ def test_to_global_batch_builds_sharded_arrays():
 
 def test_each_epoch_is_a_new_permutation(data_dir):
     config = _config(data_dir, num_epochs=2, seed=3)
-    batches = _all_batches(pipeline.make_train_iterator(config, "leo", process_index=0, process_count=1))
+    batches = _all_batches(_iterator("train", config))
     order = np.concatenate([b["sample_index"][:, 0] for b in batches]).tolist()
     assert len(order) == 48
     first, second = order[:24], order[24:]
@@ -318,8 +329,8 @@ def test_array_record_shards_give_the_same_batches_as_json(data_dir, tmp_path):
     dataset_path, stats = tfds_builder.build_array_record_dataset(
         str(data_dir / "good.jsonl"), str(tmp_path / "tfds"), str(data_dir / "images"))
     assert stats == {"converted": 24}
-    from_json = _all_batches(pipeline.make_eval_iterator(_config(data_dir), "leo", process_index=0, process_count=1))
+    from_json = _all_batches(_iterator("eval", _config(data_dir)))
     shard_config = _config(data_dir)
     shard_config.eval_files = dataset_path
-    from_shards = _all_batches(pipeline.make_eval_iterator(shard_config, "leo", process_index=0, process_count=1))
+    from_shards = _all_batches(_iterator("eval", shard_config))
     _assert_same_batches(from_shards, from_json)

@@ -6,7 +6,7 @@ import pytest
 
 from leo_jax.aot import batch_shapes, topology_name
 from leo_jax.config import load_config
-from leo_jax.data import pipeline, synthetic
+from leo_jax.data import pipeline, synthetic, visual
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -23,12 +23,13 @@ def test_bad_topology_is_a_clear_error():
         topology_name("tpu-big")
 
 
-@pytest.mark.parametrize("preset, kind", [("tiny_leo_mini_train", "leo_mini"), ("tiny_leo_train", "leo")])
-def test_abstract_batch_matches_the_pipeline(tmp_path, preset, kind):
+@pytest.mark.parametrize("preset", ["tiny_leo_mini_train", "tiny_leo_train"])
+def test_abstract_batch_matches_the_pipeline(tmp_path, preset):
     synthetic.write_dataset(str(tmp_path), 8, val_num=4)
     config = load_config(preset)
     config.data.train_files = str(tmp_path / "data.json")
     config.data.global_batch_size = 4
+    kind = visual.for_config(config)
     batch = next(pipeline.make_train_iterator(config.data, kind))
     batch.pop("sample_index")
     abstract = batch_shapes(config, kind)

@@ -30,11 +30,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from leo_jax.data import image_processing, packing, sources, templates, tiling
+from leo_jax.data import packing, sources, templates
+from leo_jax.data.visual import VisualKind, VisualSetup
 
 logger = logging.getLogger(__name__)
-
-MODEL_KINDS = ("leo", "leo_mini", "llm")  # llm: text-only training of a plain LLM
 
 # Skip reasons (besides the sources' malformed_json / malformed_record).
 MISSING_IMAGE = "missing_image"
@@ -107,15 +106,6 @@ class _SkipSample(Exception):
         self.reason, self.detail = reason, detail
 
 
-@dataclasses.dataclass(frozen=True)
-class VisualSetup:
-    """How one model kind turns images into batch arrays and visual-token counts."""
-
-    mask_key: str  # 'tile_mask' | 'image_mask'
-    capacity: int  # items per row (K tiles / M images)
-    specs: dict[str, tuple[tuple[int, ...], Any]]  # batch key -> (one item's shape, dtype)
-
-
 class SampleTransform:
     """(stream index, (source index, Record)) -> one sample dict for ``packing``, or a skip marker.
 
@@ -126,11 +116,9 @@ class SampleTransform:
     up to where the answer starts (`add_generation_prompt`), so it needs no supervised token.
     """
 
-    def __init__(self, data_config, model_kind: str, training: bool, generation_prompt: bool = False):
-        if model_kind not in MODEL_KINDS:
-            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
+    def __init__(self, data_config, kind: VisualKind, training: bool, generation_prompt: bool = False):
         self.config = data_config
-        self.model_kind = model_kind
+        self.kind = kind
         self.training = training
         self.generation_prompt = generation_prompt
         self._tokenizer = None
@@ -153,13 +141,13 @@ class SampleTransform:
     def preprocessors(self) -> dict[str, Any]:
         """Batch-key prefix -> preprocessor: LEO {'tiles': intern_vit, 'sam_tiles': sam}; LEO-MINI one per expert."""
         if self._preprocessors is None:
-            self._preprocessors = build_preprocessors(self.config, self.model_kind)
+            self._preprocessors = self.kind.preprocessors()
         return self._preprocessors
 
     @property
     def setup(self) -> VisualSetup:
         if self._setup is None:
-            self._setup = visual_setup(self.config, self.model_kind, self.preprocessors)
+            self._setup = self.kind.setup(self.preprocessors)
         return self._setup
 
     # --- the transform -------------------------------------------------------------------------------------------
@@ -179,17 +167,13 @@ class SampleTransform:
         num_tags = sum(turn[sources.TEXT_KEY].count(IMAGE_TAG) for turn in conversations)
         if num_tags != len(record.images):
             raise _SkipSample(IMAGE_TAG_MISMATCH, f"{num_tags} {IMAGE_TAG} tags, {len(record.images)} images")
-        if self.model_kind == "llm" and record.images:
-            raise _SkipSample(TOO_MANY_IMAGES, f"{len(record.images)} image(s) for a text-only LLM")
+        if self.kind.max_images is not None and len(record.images) > self.kind.max_images:
+            raise _SkipSample(TOO_MANY_IMAGES, f"{len(record.images)} image(s) for a {self.kind.name} "
+                                               f"(at most {self.kind.max_images})")
         images = [_decode_image(ref) for ref in record.images]
 
         rng = np.random.default_rng([int(self.config.seed), int(stream_index)])
-        if self.model_kind == "llm":
-            visual, token_counts = {}, []
-        elif self.model_kind == "leo":
-            visual, token_counts = self._leo_visual(images, rng)
-        else:
-            visual, token_counts = self._leo_mini_visual(images)
+        visual, token_counts = self.kind.visual(images, self.preprocessors, rng, self.training)
         n_items = len(next(iter(visual.values()))) if visual else 0
         if n_items > self.setup.capacity:
             raise _SkipSample(TOO_MANY_IMAGES, f"{n_items} visual items > {self.setup.capacity} slots per row")
@@ -212,40 +196,6 @@ class SampleTransform:
         for key, (item_shape, dtype) in self.setup.specs.items():
             sample[key] = visual[key] if key in visual else np.zeros((0, *item_shape), dtype)
         return sample
-
-    def _leo_visual(self, images: list[Image.Image], rng: np.random.Generator):
-        """LEO: tile each image within its share of the tile budget; InternViT + SAM input per tile."""
-        leo = self.config.leo
-        pre = self.preprocessors
-        if not images:
-            return {}, []
-        budget = tiling.tiles_per_image_budget(len(images), leo.max_tiles)
-        internvit_tiles, sam_tiles, token_counts = [], [], []
-        for image in images:
-            tiles = tiling.tile_image(
-                image, max_tiles=budget, tile=leo.tile_size, min_tiles=leo.min_tiles, use_thumbnail=leo.use_thumbnail
-            )
-            for tile in tiles:
-                sam_tiles.append(pre["sam_tiles"].host(tile))
-                if self.training and leo.jpeg_augment:
-                    tile = tiling.jpeg_quality_augment(tile, rng, tuple(leo.jpeg_quality_range))
-                internvit_tiles.append(pre["tiles"].host(tile))
-            token_counts.append(leo.tokens_per_tile * len(tiles))
-        return {"tiles": np.stack(internvit_tiles), "sam_tiles": np.stack(sam_tiles)}, token_counts
-
-    def _leo_mini_visual(self, images: list[Image.Image]):
-        """LEO-MINI: every expert's own preprocessing of each whole image; num_query_tokens tokens per image."""
-        if not images:
-            return {}, []
-        visual: dict[str, np.ndarray] = {}
-        for name, pre in self.preprocessors.items():
-            outputs = [pre.host(image) for image in images]
-            if isinstance(outputs[0], dict):  # pix2struct: flattened patches + mask
-                visual[f"patches_{name}"] = np.stack([o["flattened_patches"] for o in outputs])
-                visual[f"patch_mask_{name}"] = np.stack([o["attention_mask"] for o in outputs])
-            else:
-                visual[f"pixels_{name}"] = np.stack(outputs)
-        return visual, [self.config.leo_mini.num_query_tokens] * len(images)
 
 
 def _decode_image(ref: str | bytes | Image.Image) -> Image.Image:
@@ -271,42 +221,6 @@ def prepare_tokenizer(data_config):
     if not data_config.tokenizer:
         raise ValueError("data.tokenizer is empty: set it to a tokenizer.json, SentencePiece .model or a directory")
     return templates.setup_tokenizer(data_config.tokenizer, data_config.template)
-
-
-def build_preprocessors(data_config, model_kind: str) -> dict[str, Any]:
-    """Batch-key stem -> image preprocessor for ``model_kind``, sized from the data config."""
-    if model_kind == "llm":
-        return {}
-    if model_kind == "leo":
-        leo = data_config.leo
-        return {
-            "tiles": image_processing.get_preprocessor("intern_vit", size=leo.tile_size),
-            "sam_tiles": image_processing.get_preprocessor("sam", longest_edge=leo.sam_size),
-        }
-    options = data_config.leo_mini.expert_options
-    preprocessors = {}
-    for name in data_config.leo_mini.experts:
-        expert = dict(options[name]) if name in options else {}
-        kind = expert.pop("kind", name)
-        preprocessors[name] = image_processing.get_preprocessor(kind, **expert)
-    return preprocessors
-
-
-def visual_setup(data_config, model_kind: str, preprocessors: Mapping[str, Any]) -> VisualSetup:
-    """Per-item array shapes of the model's visual batch entries (probed from the preprocessors)."""
-    if model_kind == "llm":
-        return VisualSetup("image_mask", 0, {})
-    if model_kind == "leo":
-        specs = {key: ((*pre.output_size, 3), np.uint8) for key, pre in preprocessors.items()}
-        return VisualSetup("tile_mask", data_config.leo.max_tiles_per_row, specs)
-    specs = {}
-    for name, pre in preprocessors.items():
-        if isinstance(pre, image_processing.Pix2StructPreprocessor):
-            specs[f"patches_{name}"] = ((pre.max_patches, pre.patch_dim), np.float32)
-            specs[f"patch_mask_{name}"] = ((pre.max_patches,), np.float32)
-        else:
-            specs[f"pixels_{name}"] = ((*pre.output_size, 3), np.uint8)
-    return VisualSetup("image_mask", data_config.leo_mini.max_images_per_row, specs)
 
 
 class PackedBatchDataset(grain.IterDataset):
@@ -405,7 +319,7 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _sample_stream(
-    data_config, files: str, image_root: str, model_kind: str, training: bool, process_index: int, process_count: int
+    data_config, files: str, image_root: str, kind: VisualKind, training: bool, process_index: int, process_count: int
 ):
     """MapDataset of (source index, Record) for this process -> per-sample transform -> IterDataset with workers."""
     source = sources.open_sources(files, image_root or None, split=data_config.split)
@@ -415,7 +329,7 @@ def _sample_stream(
         if data_config.shuffle:
             ds = ds.shuffle(seed=int(data_config.seed))
         ds = ds.repeat(data_config.num_epochs)
-    ds = ds.map_with_index(SampleTransform(data_config, model_kind, training))
+    ds = ds.map_with_index(SampleTransform(data_config, kind, training))
     read_options = grain.ReadOptions(
         num_threads=int(data_config.read_threads), prefetch_buffer_size=int(data_config.read_buffer_size)
     )
@@ -443,10 +357,10 @@ class _AttachSourceIndex:
         return index % self.num_records, record
 
 
-def batch_layout(data_config, model_kind: str, batch_size: int, packed: bool) -> packing.BatchLayout:
-    """The static batch shape for ``model_kind`` from the data config."""
+def batch_layout(data_config, kind: VisualKind, batch_size: int, packed: bool) -> packing.BatchLayout:
+    """The static batch shape for ``kind`` from the data config."""
     tokenizer = prepare_tokenizer(data_config)
-    setup = visual_setup(data_config, model_kind, build_preprocessors(data_config, model_kind))
+    setup = kind.setup(kind.preprocessors())
     return packing.BatchLayout(
         batch_size=batch_size,
         seq_len=int(data_config.seq_len),
@@ -460,7 +374,7 @@ def batch_layout(data_config, model_kind: str, batch_size: int, packed: bool) ->
 
 
 def make_train_iterator(
-    data_config, model_kind: str, *, process_index: int | None = None, process_count: int | None = None
+    data_config, kind: VisualKind, *, process_index: int | None = None, process_count: int | None = None
 ) -> PackedBatchIterator:
     """Training batches for this process: shuffled by ``seed``, augmented, optionally packed, resumable.
 
@@ -469,16 +383,16 @@ def make_train_iterator(
     """
     process_index, process_count = _process_info(process_index, process_count)
     stream, _ = _sample_stream(
-        data_config, data_config.train_files, data_config.image_root, model_kind, True, process_index, process_count
+        data_config, data_config.train_files, data_config.image_root, kind, True, process_index, process_count
     )
     layout = batch_layout(
-        data_config, model_kind, _local_batch_size(data_config.global_batch_size, process_count), data_config.packing
+        data_config, kind, _local_batch_size(data_config.global_batch_size, process_count), data_config.packing
     )
     return iter(PackedBatchDataset(stream, layout, data_config))
 
 
 def make_eval_iterator(
-    data_config, model_kind: str, *, process_index: int | None = None, process_count: int | None = None
+    data_config, kind: VisualKind, *, process_index: int | None = None, process_count: int | None = None
 ) -> PackedBatchIterator:
     """One pass over ``eval_files`` (default: the training files) in order: no shuffle, no augmentation, no packing.
 
@@ -490,9 +404,9 @@ def make_eval_iterator(
         files, image_root = data_config.eval_files, data_config.eval_image_root
     else:  # no separate eval set: one pass over the training files
         files, image_root = data_config.train_files, data_config.image_root
-    stream, total = _sample_stream(data_config, files, image_root, model_kind, False, process_index, process_count)
+    stream, total = _sample_stream(data_config, files, image_root, kind, False, process_index, process_count)
     batch_size = _local_batch_size(data_config.eval_batch_size, process_count)
-    layout = batch_layout(data_config, model_kind, batch_size, packed=False)
+    layout = batch_layout(data_config, kind, batch_size, packed=False)
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     return iter(PackedBatchDataset(stream, layout, data_config, min_batches=num_batches))
 

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from leo_jax.data import packing, pipeline, sources, templates
+from leo_jax.data import packing, pipeline, sources, templates, visual
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch, stream_from_batch
 
 MIN_BUCKET = 64  # shortest padded prompt length; longer prompts pad to the next power of two (<= data.seq_len)
@@ -83,25 +83,20 @@ class InferenceEngine:
     """Batched generation for a model and its training config (sections `model` and `data`)."""
 
     def __init__(self, model: nnx.Module, config: ml_collections.ConfigDict):
-        kind = config.model.kind
-        if kind not in pipeline.MODEL_KINDS:
-            raise ValueError(f"config.model.kind={kind!r}: generation needs one of {pipeline.MODEL_KINDS}")
         self.config = config
+        self.kind = visual.for_model(model.cfg, config.data)
         self.graphdef, self.state = nnx.split(model)
         # A chat may gather more images and tokens than a training row holds: the transform's limits become the
         # LLM's position range and no image limit; `prepare` sizes each batch's visual slots to its requests (the
         # model takes any slot count) and pads prompts to a power-of-two bucket.
         data = ml_collections.ConfigDict(config.data.to_dict())
         data.seq_len = max(int(data.seq_len), model.language_model.cfg.max_position_embeddings)
-        if kind == "leo":
-            data.leo.max_tiles_per_row = NO_SLOT_LIMIT
-        elif kind == "leo_mini":
-            data.leo_mini.max_images_per_row = NO_SLOT_LIMIT
-        self.transform = pipeline.SampleTransform(data, kind, training=False, generation_prompt=True)
+        self.transform = pipeline.SampleTransform(data, self.kind.with_slots(NO_SLOT_LIMIT), training=False,
+                                                  generation_prompt=True)
         self.tokenizer = self.transform.tokenizer
         self.stop_ids = tuple(templates.stop_token_ids(self.tokenizer, config.data.template))
-        training_slots = pipeline.visual_setup(config.data, kind, self.transform.preprocessors).capacity
-        layout = pipeline.batch_layout(data, kind, 1, packed=False)
+        training_slots = self.kind.slots
+        layout = pipeline.batch_layout(data, self.transform.kind, 1, packed=False)
         self.layout = dataclasses.replace(layout, seq_buckets=length_buckets(layout.seq_len),
                                           visual_capacity=training_slots)  # at least the training shape
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from leo_jax.data import pipeline, synthetic, templates
+from leo_jax.data.visual import VisualKind
 from leo_jax.infer.chat import decode_answer
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch
 from leo_jax.train.step import device_batch
@@ -51,17 +52,17 @@ class Evaluator:
     """Greedy answers on the validation split -> {'eval/exact_match', 'eval/<type>/accuracy', ...}; compiles once
     per model structure and batch shape."""
 
-    def __init__(self, graphdef: nnx.GraphDef, data_config, model_kind: str, *, max_batches: int,
+    def __init__(self, graphdef: nnx.GraphDef, data_config, kind: VisualKind, *, max_batches: int,
                  max_new_tokens: int):
         self.graphdef = graphdef
-        self.data_config, self.model_kind, self.max_batches = data_config, model_kind, max_batches
+        self.data_config, self.kind, self.max_batches = data_config, kind, max_batches
         self.tokenizer = pipeline.prepare_tokenizer(data_config)
         self.raw_records = load_annotation_records(data_config.eval_files or data_config.train_files)
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(templates.stop_token_ids(
             self.tokenizer, data_config.template)), pad_id=int(self.tokenizer.pad_id))
 
     def __call__(self, trainable, frozen) -> dict[str, float]:
-        iterator = pipeline.make_eval_iterator(self.data_config, self.model_kind)
+        iterator = pipeline.make_eval_iterator(self.data_config, self.kind)
         indices, predictions, targets = [], [], []
         stop = self.sampling.eos_ids
         for batch_number, batch in enumerate(iterator):

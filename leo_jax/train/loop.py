@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from leo_jax.data import pipeline, preflight, sources, templates
+from leo_jax.data import pipeline, preflight, sources, templates, visual
 from leo_jax.models.registry import build_model, model_config
 from leo_jax.sharding import build_mesh
 from leo_jax.train import metrics as metrics_lib
@@ -34,10 +34,6 @@ from leo_jax.train.state import abstract_train_state, create_train_state
 from leo_jax.train.step import device_batch, jit_train_step, make_train_step
 
 logger = logging.getLogger("leo_jax.train")
-
-# config.model.kind -> the data pipeline's model kind
-DATA_KINDS = {"llm": "llm", "leo": "leo", "leo_mini": "leo_mini"}
-
 
 LOSS_KEYS = ("loss", "total_loss", "grad_norm")  # checked for NaN / inf at every log and before every checkpoint
 
@@ -52,8 +48,6 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         if section not in config:
             raise ValueError(f"the config has no `{section}` section; a training preset composes a model preset with "
                              "configs/common_data.py and configs/common_train.py (see configs/tiny_leo_mini_train.py)")
-    if config.model.kind not in DATA_KINDS:
-        raise ValueError(f"config.model.kind={config.model.kind!r} cannot be trained; use one of {sorted(DATA_KINDS)}")
     config = ml_collections.ConfigDict(config.to_dict())  # a private copy
     tokenizer = pipeline.prepare_tokenizer(config.data)
     if "image_context_id" in config.model and config.model.image_context_id < 0:
@@ -101,7 +95,7 @@ class Trainer:
         self.workdir = workdir
         self.train_cfg = TrainConfig.from_config(self.config.train)
         self.model_cfg = model_config(self.config.model)
-        self.data_kind = DATA_KINDS[self.config.model.kind]
+        self.kind = visual.for_model(self.model_cfg, self.config.data)
         self.mesh = build_mesh(self.config.mesh)
         self.total_steps = total_steps(self.train_cfg, self.config.data)
         self.tx, self.schedule = make_optimizer(self.train_cfg, self.total_steps)
@@ -127,7 +121,7 @@ class Trainer:
     # --- set-up --------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Creates (or restores) the sharded state and the data iterator at the right position."""
-        self.iterator = pipeline.make_train_iterator(self.config.data, self.data_kind)
+        self.iterator = pipeline.make_train_iterator(self.config.data, self.kind)
         latest = self.checkpointer.latest_step()
         if latest is None:
             self.graphdef, self.state, self.state_shardings = create_train_state(
@@ -151,14 +145,9 @@ class Trainer:
 
     def _preflight(self, batch: dict) -> None:
         data = self.config.data
-        kwargs = {}
-        if self.data_kind == "leo":
-            kwargs["tokens_per_tile"] = int(data.leo.tokens_per_tile)
-        elif self.data_kind == "leo_mini":
-            kwargs["tokens_per_image"] = int(data.leo_mini.num_query_tokens)
         vocab = getattr(self.model_cfg, "vocab_size", None) or getattr(self.model_cfg.llm_config, "vocab_size")
         tokenizer = pipeline.prepare_tokenizer(data)
-        preflight.check_batches([batch], tokenizer, data.template, vocab_size=vocab, **kwargs)
+        preflight.check_batches([batch], tokenizer, data.template, vocab_size=vocab, **self.kind.preflight_counts())
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None) -> dict[str, float]:
@@ -222,8 +211,7 @@ class Trainer:
                 raise ValueError(f"step {step}: {int(values['visual_token_mismatch'])} batch rows have a number of "
                                  "<IMG_CONTEXT> tokens different from their visual tokens; the prompt's image "
                                  "placeholders and the images/tiles in the batch must match (check the template's "
-                                 "image token counts, data.leo.tokens_per_tile / data.leo_mini.num_query_tokens and "
-                                 "the model's image_context_id)")
+                                 "image token counts and the model's image_context_id)")
             if not all(math.isfinite(v) for v in watched.values()):
                 raise NonFiniteLossError(f"non-finite loss at step {step} ({watched}); the newest checkpoint in "
                                          f"{self.checkpointer.directory} predates it. Lower train.learning_rate, "
@@ -270,7 +258,7 @@ class Trainer:
         self._log()
         started = time.perf_counter()
         if self._evaluator is None:
-            self._evaluator = Evaluator(self.graphdef, self.config.data, self.data_kind,
+            self._evaluator = Evaluator(self.graphdef, self.config.data, self.kind,
                                         max_batches=self.train_cfg.eval_max_batches,
                                         max_new_tokens=self.train_cfg.eval_max_new_tokens)
         results = self._evaluator(self.state.trainable, self.state.frozen)
