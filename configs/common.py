@@ -34,7 +34,12 @@ def encoder_fields(preset_model: ml_collections.ConfigDict) -> tuple[str, dict]:
     return fields.pop("kind"), fields
 
 
-def vision_expert(name: str, preset_model: ml_collections.ConfigDict, processor: dict, grid=None) -> dict:
+def vision_expert(preset_model: ml_collections.ConfigDict, processor: dict, grid=None) -> dict:
     """One LEO-MINI expert entry from an encoder preset's `config.model` and its image preprocessor options."""
     kind, fields = encoder_fields(preset_model)
-    return {"name": name, "kind": kind, "encoder": fields, "processor": dict(processor), "grid": grid}
+    return {"kind": kind, "encoder": fields, "processor": dict(processor), "grid": grid}
+
+
+def vision_experts(**experts: dict) -> dict:
+    """`experts` (keyed by name) and `expert_order` (the order given here) of a LEO-MINI `config.model`."""
+    return {"experts": experts, "expert_order": tuple(experts)}

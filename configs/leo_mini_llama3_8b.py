@@ -16,16 +16,17 @@ MMOE = dict(num_experts=3, rank=16, alpha=16.0, general_rank=16, general_alpha=1
             router_hidden=256, router_cond_dim=256, gate_mode="prob")
 
 
-def experts() -> list[dict]:
-    return [
-        common.vision_expert("clip", clip_vit_l14_336.get_config().model,
-                             {"kind": "clip", "shortest_edge": 336, "crop_size": 336}),
-        common.vision_expert("eva02", eva02_large_336.get_config().model, {"kind": "eva02", "size": 336}),
-        common.vision_expert("convnext", convnext_large.get_config().model,
-                             {"kind": "convnext", "shortest_edge": 1024}, grid=24),
-        common.vision_expert("pix2struct", pix2struct_large.get_config().model,
-                             {"kind": "pix2struct", "max_patches": 576, "patch_size": 16}),
-    ]
+def experts() -> dict:
+    """`experts` keyed by name and `expert_order` (CoTR and projector order: CLIP, EVA-02, ConvNeXt, Pix2Struct)."""
+    return common.vision_experts(
+        clip=common.vision_expert(clip_vit_l14_336.get_config().model,
+                                  {"kind": "clip", "shortest_edge": 336, "crop_size": 336}),
+        eva02=common.vision_expert(eva02_large_336.get_config().model, {"kind": "eva02", "size": 336}),
+        convnext=common.vision_expert(convnext_large.get_config().model, {"kind": "convnext", "shortest_edge": 1024},
+                                      grid=24),
+        pix2struct=common.vision_expert(pix2struct_large.get_config().model,
+                                        {"kind": "pix2struct", "max_patches": 576, "patch_size": 16}),
+    )
 
 
 def get_config(llm_preset=llama3_8b, template: str = "llama3"):
@@ -33,7 +34,7 @@ def get_config(llm_preset=llama3_8b, template: str = "llama3"):
     _, llm = common.encoder_fields(llm_preset.get_config().model)
     llm["mmoe"] = dict(MMOE)
     config.model = common.model_section(
-        "leo_mini", LeoMiniConfig, experts=experts(), llm=llm,
+        "leo_mini", LeoMiniConfig, **experts(), llm=llm,
         cotr=dict(num_queries=64, proj_width=256, pooling="sum", scale="sqrt_expert_width"),
         projector=dict(layer_norm=False, act="gelu"))
     config.data = common_data.get_config()

@@ -9,15 +9,15 @@ from configs import clip_vit_l14_336, common, convnext_large, leo_mini_llama3_8b
 IMAGE = 64
 
 
-def tiny_experts() -> list[dict]:
+def tiny_experts() -> dict:
     clip = clip_vit_l14_336.get_config().model
     clip.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=8, image_size=IMAGE,
                 output_layer=-1, dtype="float32")
     convnext = convnext_large.get_config().model
     convnext.update(hidden_sizes=(32, 48), depths=(1, 1), image_size=IMAGE, output_stage=-1, dtype="float32")
-    return [common.vision_expert("clip", clip, {"kind": "clip", "shortest_edge": IMAGE, "crop_size": IMAGE}),
-            common.vision_expert("convnext", convnext, {"kind": "convnext", "shortest_edge": IMAGE, "crop_pct": 1.0},
-                                 grid=4)]
+    return common.vision_experts(
+        clip=common.vision_expert(clip, {"kind": "clip", "shortest_edge": IMAGE, "crop_size": IMAGE}),
+        convnext=common.vision_expert(convnext, {"kind": "convnext", "shortest_edge": IMAGE, "crop_pct": 1.0}, grid=4))
 
 
 def get_config():
@@ -28,7 +28,8 @@ def get_config():
                bos_token_id=tokenizer.bos_id, eos_token_id=(tokenizer.eos_id,), pad_token_id=tokenizer.pad_id)
     _, llm_fields = common.encoder_fields(llm)
     llm_fields["mmoe"] = dict(leo_mini_llama3_8b.MMOE, rank=4, general_rank=4, router_hidden=32, router_cond_dim=16)
-    config.model.experts = tiny_experts()
+    for key, value in tiny_experts().items():  # replaces the full-size experts (update() would merge them)
+        config.model[key] = value
     config.model.llm = llm_fields
     config.model.cotr = dict(num_queries=16, proj_width=32, pooling="sum", scale="sqrt_expert_width",
                              dtype="float32")

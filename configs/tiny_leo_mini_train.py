@@ -43,9 +43,7 @@ def get_config():
     # CLIP trains from scratch: position embeddings at N(0, 0.3^2) instead of HF's 0.02, which is ~50x below the
     # patch content, so the tokens (and CoTR's weighted sums of them) carry no layout (linear probe of an object's
     # column from the LLM-input tokens: 0.55 -> 0.98; position questions are at chance without it).
-    for expert in config.model.experts:
-        if expert["name"] == "clip":
-            expert["encoder"]["position_initializer_range"] = 0.3
+    config.model.experts.clip.encoder.position_initializer_range = 0.3
     config.data.num_epochs = None  # repeat; train.steps ends the run
     config.data.seq_len = 96  # 16 visual + <= 80 text tokens: every synthetic sample fits (multi-turn: up to 82)
     config.data.eval_batch_size = 50

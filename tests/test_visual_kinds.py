@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from leo_jax.aot import batch_shapes
-from leo_jax.config import load_config
+from leo_jax.config import config_from_argv, load_config
 from leo_jax.data import visual
 from leo_jax.models.registry import abstract_model, model_config
 
@@ -90,3 +90,26 @@ def test_encoder_models_have_no_data_kind():
     config = load_config("clip_vit_l14_336")
     with pytest.raises(ValueError, match="has no data pipeline"):
         visual.for_model(model_config(config.model), None)
+
+
+def test_nested_expert_override_from_the_command_line_reaches_the_model():
+    config, rest = config_from_argv(["--config", "tiny_leo_mini", "--config.model.experts.clip.encoder.num_layers=4",
+                                     "--config.model.experts.convnext.grid=2", "--workdir", "w"])
+    assert rest == ["--workdir", "w"]
+    model = abstract_model(config.model)
+    layers = nnx.state(model.experts["clip"])["layers"]["mlp"]["fc1"]["kernel"]
+    assert layers.get_value().shape[0] == 4  # 2 in the preset
+    assert [spec.name for spec in model.specs] == ["clip", "convnext"]  # expert_order, not the keys' sorted order
+    assert model.cfg.cotr_config.expert_tokens == (64, 4)  # convnext resized to its new 2 x 2 grid
+
+
+def test_wrong_nested_expert_fields_name_the_full_path():
+    with pytest.raises(ValueError, match=r"config has no field 'config.model.experts.clip.encoder.num_layerz'"):
+        config_from_argv(["--config", "tiny_leo_mini", "--config.model.experts.clip.encoder.num_layerz=4"])
+    config = load_config("tiny_leo_mini")
+    config.model.experts.clip.encoder.num_layerz = 4  # a typo in a config file
+    with pytest.raises(ValueError, match=r"config.model.experts.clip.encoder: unknown field\(s\) \['num_layerz'\]"):
+        model_config(config.model)
+    config = load_config("tiny_leo_mini", ["model.expert_order=('convnext',)"])
+    with pytest.raises(ValueError, match=r"config.model.expert_order=\('convnext',\) must list every expert"):
+        model_config(config.model)

@@ -53,11 +53,12 @@ class VisionExpertConfig:
     __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
 
     def __post_init__(self):
-        w = f"config.model.experts[{self.name}]"
+        w = f"config.model.experts.{self.name}"
         require(self.kind in ENCODER_OUTPUTS, f"{w}.kind={self.kind!r}: use one of {sorted(ENCODER_OUTPUTS)}")
         require("kind" in self.processor, f"{w}.processor needs a 'kind' (an image_processing preprocessor)")
         if ENCODER_OUTPUTS[self.kind]["feature_map"]:
             require(self.grid is None or self.grid > 0, f"{w}.grid must be positive")
+        self.encoder_config()  # validate
 
     @property
     def batch_key(self) -> str:
@@ -69,16 +70,22 @@ class VisionExpertConfig:
 
     def encoder_config(self):
         config_cls, _ = model_classes(self.kind)
-        return config_cls.from_config(self.encoder, f"config.model.experts[{self.name}].encoder")
+        return config_cls.from_config(self.encoder, f"config.model.experts.{self.name}.encoder")
 
 
 @dataclasses.dataclass(frozen=True)
 class LeoMiniConfig:
+    """`experts` in model order (each with its `name`). Config files key them by name (so
+    `--config.model.experts.clip.encoder.num_layers=4` works) and give the order in `expert_order`."""
+
     experts: tuple[dict, ...]
     llm: dict
     cotr: dict  # CoTRConfig fields except expert_widths / expert_tokens / text_width (derived)
     projector: dict  # ProjectorConfig fields except in_features / out_features (derived)
     image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
+    # Expert names in model order (the order of CoTR's experts and of the projector's input channels); with
+    # experts keyed by name it lists every key once.
+    expert_order: tuple[str, ...] = ()
 
     __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
 
@@ -86,16 +93,23 @@ class LeoMiniConfig:
         require(len(self.experts) > 0, "config.model.experts is empty: LEO-MINI needs at least one vision expert")
         names = [e["name"] for e in self.experts]
         require(len(set(names)) == len(names), f"config.model.experts: duplicate expert names {names}")
+        require(not self.expert_order or list(self.expert_order) == names,
+                f"config.model.expert_order={self.expert_order} differs from the experts' order {names}")
         self.expert_configs  # validate
         self.llm_config
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoMiniConfig":
+        """Experts either keyed by name (config files: order from `expert_order`) or a sequence in model order
+        whose entries carry their `name`."""
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if isinstance(config.get("experts"), Mapping):
+            config["experts"] = keyed_experts(config["experts"], tuple(config.get("expert_order") or ()), where)
         return dataclass_from_config(cls, config, where)
 
     @property
     def expert_configs(self) -> tuple[VisionExpertConfig, ...]:
-        return tuple(dataclass_from_config(VisionExpertConfig, e, f"config.model.experts[{i}]")
+        return tuple(dataclass_from_config(VisionExpertConfig, e, f"config.model.experts.{e.get('name', i)}")
                      for i, e in enumerate(self.experts))
 
     @property
@@ -140,6 +154,22 @@ class LeoMiniConfig:
         flops = self.llm_config.forward_flops(seq_len) + self.cotr_config.forward_flops(seq_len)
         flops += self.projector_config.forward_flops(self.visual_tokens_per_image())
         return flops + sum(spec.encoder_config().forward_flops() for spec in self.expert_configs)
+
+
+def keyed_experts(experts: Mapping[str, Any], order: tuple[str, ...], where: str) -> tuple[dict, ...]:
+    """`{name: {kind, encoder, processor, grid}}` + the names in model order -> entries in that order, each with
+    its `name`."""
+    require(sorted(order) == sorted(experts) and len(set(order)) == len(order),
+            f"{where}.expert_order={order} must list every expert of {where}.experts once "
+            f"({sorted(experts)}): it fixes their order (CoTR experts, projector input channels)")
+    out = []
+    for name in order:
+        entry = experts[name]
+        require(isinstance(entry, Mapping), f"{where}.experts.{name} must be a mapping, got {entry!r}")
+        require(entry.get("name", name) == name,
+                f"{where}.experts.{name}.name={entry.get('name')!r} differs from its key {name!r}")
+        out.append({**entry, "name": name})
+    return tuple(out)
 
 
 def expert_dummy_inputs(spec: VisionExpertConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
