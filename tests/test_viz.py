@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 
 from leo_jax import viz  # noqa: E402
 from leo_jax.config import load_config  # noqa: E402
-from leo_jax.data import pipeline, synthetic  # noqa: E402
+from leo_jax.data import pipeline, synthetic, visual  # noqa: E402
 from leo_jax.models.leo_mini import expert_tokens  # noqa: E402
 from leo_jax.models.registry import build_model  # noqa: E402
 
@@ -91,7 +91,7 @@ def test_leo_mini_cotr_attention_makes_its_visual_tokens(tmp_path):
                             multi_image_fraction=0.0, text_only_fraction=0.0)
     config = load_config("tiny_leo_mini")
     config.data.update(train_files=str(tmp_path / "data" / "data.json"), global_batch_size=2, shuffle=False)
-    iterator = pipeline.make_train_iterator(config.data, "leo_mini", process_index=0, process_count=1)
+    iterator = pipeline.make_train_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
     batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items() if k != "sample_index"}
     model = build_model(config.model, nnx.Rngs(0))
     weights = model.cotr_attention(batch)

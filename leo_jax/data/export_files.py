@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from leo_jax.data import pipeline, templates
+from leo_jax.data import pipeline, templates, visual
 from leo_jax.data.tokenizer import Tokenizer
 
 def _write_json(path: Path, value: dict) -> None:
@@ -28,13 +28,13 @@ def write_tokenizer_files(tokenizer: Tokenizer, template_name: str, seq_len: int
 
 
 def preprocessor_config(model_cfg, data_config, model_kind: str) -> dict:
-    """{'model_kind', 'encoders': {model input name: preprocessor settings}, LEO: 'tiling' (from the data config)}."""
+    """{'model_kind', 'encoders': {model input name: preprocessor settings}, LEO: 'tiling' (its data-side kind)}."""
     config: dict = {"model_kind": model_kind, "encoders": {name: pre.settings() for name, pre in
                                                            model_cfg.input_preprocessors().items()}}
-    if model_kind == "leo":
-        leo = data_config.leo
-        config["tiling"] = {"tile_size": leo.tile_size, "min_tiles": leo.min_tiles, "max_tiles": leo.max_tiles,
-                            "use_thumbnail": leo.use_thumbnail, "tokens_per_tile": leo.tokens_per_tile,
+    kind = visual.for_model(model_cfg, data_config)
+    if isinstance(kind, visual.LeoTiles):
+        config["tiling"] = {"tile_size": kind.tile_size, "min_tiles": kind.min_tiles, "max_tiles": kind.max_tiles,
+                            "use_thumbnail": kind.use_thumbnail, "tokens_per_tile": kind.tokens_per_tile,
                             "several_images": "each image gets max_tiles // number of images tiles",
                             "inputs": "every tile (thumbnail last) goes to both encoders.pixel_values and "
                                       "encoders.pixel_values_sam"}
