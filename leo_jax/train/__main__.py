@@ -23,10 +23,29 @@ def main(argv: list[str] | None = None) -> int:
                                             "--config.data.global_batch_size=64, --config.mesh.ici.fsdp=4 ...")
     parser.add_argument("--config", required=True, help="preset name or path to a config .py (optionally :arg)")
     parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and TensorBoard logs")
+    group = parser.add_argument_group(
+        "multi-process start (one process per host)",
+        "Without these flags: the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+        "JAX_PROCESS_ID, else JAX's cluster detection (Cloud TPU VM, GKE, SLURM, Open MPI), else one process.")
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0's coordinator service")
+    group.add_argument("--num_processes", type=int, help="number of processes in the job")
+    group.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes-1")
+    group.add_argument("--distributed_timeout", type=int, default=300,
+                       help="seconds to wait for every process to join before failing (default 300)")
     config, args = parse_cli(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from leo_jax.train import distributed
+
+    try:  # before any JAX backend call: jax.distributed must start first
+        distributed.initialize(distributed.resolve_process_group(args.coordinator_address, args.num_processes,
+                                                                 args.process_id), args.distributed_timeout)
+    except distributed.DistributedStartError as e:
+        logging.getLogger("leo_jax.train").error("%s", e)
+        return 2
+    logging.getLogger("leo_jax.train").info("%s", distributed.describe())
 
     from leo_jax.data.pipeline import DataSkipLimitError
     from leo_jax.train.loop import NonFiniteLossError, train
