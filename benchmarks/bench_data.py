@@ -7,23 +7,20 @@ of the InternViT tiles) or LEO-MINI per-expert preprocessing (CLIP 336, EVA-02 3
 576 patches), tokenisation and collation. The first batch (worker start-up) is not timed. It also prints the
 single-thread CPU time of the per-sample transform, which does not depend on other load on the machine.
 
-    python benchmarks/bench_data.py [--samples 48] [--batch 4] [--workers 0 2]
+    python -m benchmarks.bench_data [--samples 48] [--batch 4] [--workers 0 2]
 """
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from leo_jax.config import load_config  # noqa: E402
-from leo_jax.data import pipeline, sources, visual  # noqa: E402
-from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH  # noqa: E402
+from leo_jax.config import load_config
+from leo_jax.data import pipeline, sources, visual
+from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
 
 
 def realistic_image(rng: np.random.Generator, width: int = 1000, height: int = 700) -> Image.Image:

@@ -4,7 +4,7 @@ preprocessing, prefill, and KV-cache decoding, by the compiled decode loop and b
 Uses a preset's model with random weights (no stop token is emitted, so every row decodes all new tokens) and the
 built-in synthetic images. Compilation is excluded (one warm-up call per path). Prints new tokens/s and requests/s.
 
-    python benchmarks/bench_generate.py [--config tiny_leo_mini] [--batch 8] [--new-tokens 32] [--repeats 3]
+    python -m benchmarks.bench_generate [--config tiny_leo_mini] [--batch 8] [--new-tokens 32] [--repeats 3]
 """
 import argparse
 import os
@@ -12,16 +12,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from flax import nnx
 
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from leo_jax.config import load_config  # noqa: E402
-from leo_jax.data import synthetic  # noqa: E402
-from leo_jax.infer.chat import InferenceEngine, Request  # noqa: E402
-from leo_jax.infer.generate import SamplingConfig  # noqa: E402
-from leo_jax.models.registry import build_model  # noqa: E402
+from leo_jax.config import load_config
+from leo_jax.data import synthetic
+from leo_jax.infer.chat import InferenceEngine, Request
+from leo_jax.infer.generate import SamplingConfig
+from leo_jax.models.registry import build_model
 
 
 def main() -> int:

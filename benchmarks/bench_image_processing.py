@@ -1,6 +1,6 @@
 """Host image-preprocessing throughput (single process): LEO tiling paths and LEO-MINI experts.
 
-    python benchmarks/bench_image_processing.py [--repeats 3] [--device-sam]
+    python -m benchmarks.bench_image_processing [--repeats 3] [--device-sam]
 
 Images are decoded PIL images held in memory (JPEG decoding is the data source's cost, measured separately as
 'decode' for reference). Prints images/s per path; each figure is the best of ``--repeats`` passes over the set.

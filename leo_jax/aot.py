@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if "train" not in config:
-        parser.error(f"--config {args.config}: no `train` section; use a training preset (e.g. configs/leo_8b_sft.py)")
+        parser.error(f"--config {args.config}: no `train` section; use a training preset (e.g. leo_8b_sft)")
 
     from jax.experimental import topologies
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
+import importlib.resources
 import importlib.util
 import json
-import sys
 import types
 import typing
 from pathlib import Path
@@ -14,32 +15,42 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+PRESET_PACKAGE = "leo_jax.configs"
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """'llama3_8b' -> configs/llama3_8b.py; a path is returned as is. Names the known presets when missing."""
+def preset_names() -> list[str]:
+    """Every module shipped in leo_jax/configs (presets and the helper modules they compose)."""
+    files = importlib.resources.files(PRESET_PACKAGE).iterdir()
+    return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_"))
+
+
+def _is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith(".py") or "/" in name_or_path or "\\" in name_or_path
+
+
+def _import_config_module(name_or_path: str) -> types.ModuleType:
+    """A preset name imports leo_jax.configs.<name>; a path is executed as a file (it may import leo_jax.configs.*)."""
+    if not _is_path(name_or_path):
+        if name_or_path not in preset_names():
+            raise FileNotFoundError(f"config {name_or_path!r} is neither a preset nor a path to a .py file; "
+                                    f"presets: {preset_names()}")
+        return _checked(importlib.import_module(f"{PRESET_PACKAGE}.{name_or_path}"), name_or_path)
     path = Path(name_or_path)
-    if path.suffix != ".py" and "/" not in name_or_path:
-        path = CONFIG_DIR / f"{name_or_path}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise FileNotFoundError(f"config {name_or_path!r} not found (looked for {path}); presets: {known}")
-    return path
-
-
-def _import_config_module(path: Path) -> types.ModuleType:
-    if str(REPO_ROOT) not in sys.path:  # presets import each other as `configs.<name>`
-        sys.path.insert(0, str(REPO_ROOT))
+        hint = f"; the preset is now named {path.stem!r}" if path.stem in preset_names() else ""
+        raise FileNotFoundError(f"config file {path} not found{hint}; presets: {preset_names()}")
     spec = importlib.util.spec_from_file_location(f"_leo_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ValueError(f"config file {path} cannot be parsed: {e.msg} (line {e.lineno})") from e
+    return _checked(module, path)
+
+
+def _checked(module: types.ModuleType, where) -> types.ModuleType:
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config() function")
+        raise ValueError(f"config {where} has no get_config() function")
     return module
 
 
@@ -81,9 +92,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = (), arg: str | None = None) -> ml_collections.ConfigDict:
-    """Loads configs/<name>.py (or a path), calls get_config([arg]) and applies overrides."""
-    path = resolve_config_path(name_or_path)
-    module = _import_config_module(path)
+    """Loads preset `name` (leo_jax/configs/<name>.py) or a config file path, calls get_config([arg]) and applies
+    overrides."""
+    module = _import_config_module(name_or_path)
     config = module.get_config(arg) if arg is not None else module.get_config()
     return apply_overrides(config, overrides)
 

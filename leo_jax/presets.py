@@ -1,22 +1,16 @@
-"""Enumerates the model presets in configs/ and their partition specs (for the checked-in golden file)."""
+"""Enumerates the model presets in leo_jax/configs/ and their partition specs (for the checked-in golden file)."""
 
 from __future__ import annotations
 
-from leo_jax.config import CONFIG_DIR, load_config
+from leo_jax.config import load_config, preset_names
 from leo_jax.models.registry import abstract_model
 from leo_jax.sharding import logical_specs
 from flax import nnx
 
 
 def model_presets() -> list[str]:
-    """Names of configs/*.py whose get_config() defines `model` (not helper modules like common.py)."""
-    names = []
-    for path in sorted(CONFIG_DIR.glob("*.py")):
-        if path.stem.startswith("_") or path.stem == "common":
-            continue
-        if "model" in load_config(path.stem):
-            names.append(path.stem)
-    return names
+    """Names of the shipped presets whose get_config() defines `model` (not helper modules like common.py)."""
+    return [name for name in preset_names() if name != "common" and "model" in load_config(name)]
 
 
 def partition_specs(preset: str) -> dict[str, list]:

@@ -51,7 +51,7 @@ def summarize(config, depth: int = 2, seq_len: int = 2048) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="preset name (configs/<name>.py) or path, optional ':arg'")
+    parser.add_argument("--config", required=True, help="preset name (a leo_jax/configs file) or path, optional ':arg'")
     parser.add_argument("--depth", type=int, default=2, help="module path depth of the breakdown")
     parser.add_argument("--seq-len", type=int, default=2048, help="prompt length for the FLOPs estimate")
     config, args = parse_cli(parser, sys.argv[1:] if argv is None else argv)

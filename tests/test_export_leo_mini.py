@@ -312,7 +312,7 @@ def hand_built_batch(model, num_images, seq_len, seed=0):
 
 
 def test_main_command_cotr_options_survive_export(tiny, tmp_path):
-    """The CoTR of configs/tiny_leo_mini_train.py (no pooled visual rows, spatial prior) is written to config.json
+    """The CoTR of the tiny_leo_mini_train preset (no pooled visual rows, spatial prior) is written to config.json
     and the PyTorch model reproduces the logits; the options do change them, so the check is not vacuous."""
     base, batch, _, _ = tiny
     preset_cotr = load_config("tiny_leo_mini_train").model.cotr

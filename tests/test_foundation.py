@@ -9,12 +9,13 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from leo_jax.config import REPO_ROOT, load_config
+from leo_jax.config import load_config
 from leo_jax.models.registry import abstract_model, model_config
 from leo_jax.presets import model_presets, partition_specs
 from leo_jax.sharding import build_mesh, constrain, fit_spec_to_shape, logical_to_spec
 from leo_jax.summary import parameter_counts
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
 
 
@@ -84,10 +85,10 @@ def test_logical_rules():
 
 def test_golden_partition_specs():
     """Every preset's parameter partition specs equal the checked-in golden file (regenerate with
-    tests/golden/make_partition_specs.py and review the diff when sharding is changed on purpose)."""
+    `python -m tests.golden.make_partition_specs` and review the diff when sharding is changed on purpose)."""
     golden = json.loads(GOLDEN.read_text())
     presets = model_presets()
-    assert sorted(golden) == sorted(presets), "golden file out of date: run tests/golden/make_partition_specs.py"
+    assert sorted(golden) == sorted(presets), "golden file out of date: run python -m tests.golden.make_partition_specs"
     for name in presets:
         assert partition_specs(name) == golden[name], name
 

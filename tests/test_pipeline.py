@@ -11,7 +11,7 @@ from etils import epath
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from configs import common_data
+from leo_jax.configs import common_data
 from leo_jax.data import image_processing, pipeline, templates, tiling, visual
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
 

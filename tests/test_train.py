@@ -115,9 +115,9 @@ def test_leo_mini_stage3_trains_only_cotr_lora_routers_projector():
     """The stage-3 patterns select exactly CoTR, projector and the MMoE routers / LoRA experts."""
     from leo_jax.config import load_config
 
-    config = load_config("configs/leo_mini_llama3_8b_stage3.py")
+    config = load_config("leo_mini_llama3_8b_stage3")
     train = TrainConfig.from_config(config.train)
-    from configs import tiny_leo_mini
+    from leo_jax.configs import tiny_leo_mini
 
     model = nnx.eval_shape(lambda: build_model(tiny_leo_mini.get_config().model, nnx.Rngs(0)))
     _, trainable, frozen = nnx.split(model, nnx.All(nnx.Param, TrainableFilter(train.trainable, train.frozen)), ...)
@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     env.pop("XLA_FLAGS", None)
     return env
 
@@ -230,7 +230,6 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path):
     os.makedirs(workdir)
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
         import grain
         from train_helpers import llm_train_config
         from leo_jax.train.loop import Trainer

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import tiny_leo_mini
+from leo_jax.configs import tiny_leo_mini
 from hf_fixtures import save_hf_model
 from leo_jax.convert import load_hf
 from leo_jax.models.registry import build_model

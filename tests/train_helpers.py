@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from configs import common_data, common_train, tiny_llm
+from leo_jax.configs import common_data, common_train, tiny_llm
 from leo_jax.data import synthetic
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
 
@@ -49,9 +49,7 @@ def llm_train_config(workdir: str, **train):
 def config_file(path: str, workdir: str, **train) -> str:
     """A config .py (for subprocess runs of `python -m leo_jax.train`) building llm_train_config(workdir)."""
     with open(path, "w") as f:
-        f.write("import sys\n"
-                f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-                "import train_helpers\n\n\n"
+        f.write("import train_helpers  # importable: the tests put tests/ on PYTHONPATH\n\n\n"
                 "def get_config():\n"
                 f"    return train_helpers.llm_train_config({workdir!r}, **{train!r})\n")
     return path

@@ -97,13 +97,13 @@ def assert_tower_round_trip(full_dir: Path, work: Path, tower_prefix: str, visio
 
 
 def preset_param_count(preset: str, arg: str | None = None) -> int:
-    """Parameters of configs/<preset>.py (get_config(arg)) counted abstractly (nothing allocated)."""
+    """Parameters of leo_jax/configs/<preset>.py (get_config(arg)) counted abstractly (nothing allocated)."""
     model = registry.abstract_model(load_config(preset, arg=arg).model)
     return sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def preset_output(preset: str, pixels_shape: tuple[int, ...], overrides: tuple[str, ...] = ()):
-    """The output ShapeDtypeStruct of configs/<preset>.py's model on bfloat16 pixels, traced abstractly (full
+    """The output ShapeDtypeStruct of leo_jax/configs/<preset>.py's model on bfloat16 pixels, traced abstractly (full
     size, nothing allocated or compiled)."""
     import jax.numpy as jnp
 

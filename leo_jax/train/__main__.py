@@ -1,9 +1,9 @@
-"""`python -m leo_jax.train --config configs/<preset>.py --workdir DIR [--config.train.steps=100 ...]`
+"""`python -m leo_jax.train --config <preset> --workdir DIR [--config.train.steps=100 ...]`
 
 Trains the preset's model on its data (resuming from DIR/checkpoints when there are checkpoints), logs to
 DIR/metrics.jsonl and DIR/tensorboard, evaluates on data.eval_files and saves checkpoints in DIR/checkpoints.
-With the built-in synthetic set (data.train_files under DIR/synthetic, see configs/tiny_leo_mini_train.py) the set
-is generated first if absent.
+With the built-in synthetic set (data.train_files under DIR/synthetic, see the tiny_leo_mini_train preset) the set is
+generated first if absent.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `config.train` section as a validated dataclass (defaults and comments live in configs/common_train.py)."""
+"""The `config.train` section as a validated dataclass (defaults and comments: leo_jax.configs.common_train)."""
 
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     """Checks the sections the trainer needs and fills model fields that come from the tokenizer."""
     for section in ("model", "data", "train"):
         if section not in config:
-            raise ValueError(f"the config has no `{section}` section; a training preset composes a model preset with "
-                             "configs/common_data.py and configs/common_train.py (see configs/tiny_leo_mini_train.py)")
+            raise ValueError(f"the config has no `{section}` section; a training preset composes a model preset "
+                             "with leo_jax.configs.common_data and leo_jax.configs.common_train (see the "
+                             "tiny_leo_mini_train preset)")
     config = ml_collections.ConfigDict(config.to_dict())  # a private copy
     tokenizer = pipeline.prepare_tokenizer(config.data)
     if "image_context_id" in config.model and config.model.image_context_id < 0:

@@ -1,16 +1,13 @@
 """Regenerates tests/golden/partition_specs.json: every parameter's PartitionSpec for every model preset.
 
-    python tests/golden/make_partition_specs.py
+    python -m tests.golden.make_partition_specs
 Review the diff: a changed spec changes how every pod job shards its weights.
 """
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from leo_jax.presets import model_presets, partition_specs  # noqa: E402
+from leo_jax.presets import model_presets, partition_specs
 
 if __name__ == "__main__":
     golden = {name: partition_specs(name) for name in model_presets()}

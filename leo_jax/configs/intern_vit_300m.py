@@ -2,7 +2,7 @@
 patch tokens + CLS at 448 px. LEO takes the last layer (output_layer=-1), drops CLS and pixel-unshuffles to 256
 tokens of width 4096; it fine-tunes with drop-path 0.1 (applied only when the forward gets an rng)."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.intern_vit import InternViTConfig
 
 # OpenGVLab/InternViT-300M-448px config.json (model_type intern_vit_6b); the transformers equivalent is the

@@ -2,11 +2,11 @@
 pairs, template 'plain'); InternViT, SAM and InternLM2 are frozen. LEO does not state this stage's hyper-parameters;
 these are LLaVA-1.5's: lr 1e-3, cosine, 3% warm-up, weight decay 0, batch 256, 1 epoch.
 
-    python -m leo_jax.train --config configs/leo_8b_pretrain.py --workdir DIR \\
+    python -m leo_jax.train --config leo_8b_pretrain --workdir DIR \\
       --config.data.train_files=... --config.data.tokenizer=/ckpt/internlm2_chat_7b \\
       --config.train.init="{'llm': '/ckpt/internlm2_chat_7b', 'intern_vit': '/ckpt/internvit_300m', 'sam': '/ckpt/sam'}"
 """
-from configs import common_train, leo_8b
+from leo_jax.configs import common_train, leo_8b
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Tiny LEO-MINI trained on the built-in synthetic visual-QA set on CPU: the README's main command.
 
-    python -m leo_jax.train --config configs/tiny_leo_mini_train.py --workdir /tmp/leo_mini_run
+    python -m leo_jax.train --config tiny_leo_mini_train --workdir /tmp/leo_mini_run
 
 The synthetic set is written to WORKDIR/synthetic on first use (config.synthetic). One stage trains everything
 the CLIP expert, CoTR, projector, LLM and MMoE; the ConvNeXt expert stays frozen at its random initialisation (as
@@ -8,7 +8,7 @@ the recipe freezes its pretrained experts; its depthwise-convolution gradient is
 """
 import ml_collections
 
-from configs import common_train, tiny_leo_mini
+from leo_jax.configs import common_train, tiny_leo_mini
 
 
 def synthetic_section(num: int = 20000, val_num: int = 500, multi_image_fraction: float = 0.0, follow_ups: int = 0):

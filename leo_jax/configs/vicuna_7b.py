@@ -1,6 +1,6 @@
 """Vicuna-7B v1.5: the Llama-2-7B architecture with pad id 0."""
 
-from configs import llama2_7b
+from leo_jax.configs import llama2_7b
 
 
 def get_config():

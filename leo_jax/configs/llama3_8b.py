@@ -1,6 +1,6 @@
 """Llama-3-8B(-Instruct): GQA with 8 KV heads, 128K vocabulary, theta 500000 (8.03B parameters)."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.llm.decoder import LLMConfig
 
 ARCH = dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

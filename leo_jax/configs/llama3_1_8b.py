@@ -1,6 +1,6 @@
 """Llama-3.1-8B: Llama-3-8B with Llama 3 RoPE frequency scaling to 128K context."""
 
-from configs import llama3_8b
+from leo_jax.configs import llama3_8b
 
 
 def get_config():

@@ -9,7 +9,7 @@ Switch balance loss (trainer weight 0.05).
 
 from leo_jax.models.leo_mini import LeoMiniConfig
 
-from configs import clip_vit_l14_336, common, common_data, convnext_large, eva02_large_336, llama3_8b, \
+from leo_jax.configs import clip_vit_l14_336, common, common_data, convnext_large, eva02_large_336, llama3_8b, \
     pix2struct_large
 
 MMOE = dict(num_experts=3, rank=16, alpha=16.0, general_rank=16, general_alpha=16.0, top_k=1, targets=("down_proj",),

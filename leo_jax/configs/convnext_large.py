@@ -5,7 +5,7 @@ LEO-MINI takes the map of stage `output_stage` (default: the last, stride 32, 15
 --config.model.output_stage=N (python index) to use an earlier stage.
 """
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.convnext import ConvNextConfig
 
 # facebook/convnext-large-224 config.json

@@ -4,7 +4,7 @@ official LEO conversation format), max length 8192."""
 
 from leo_jax.models.leo import LeoConfig
 
-from configs import common, common_data, intern_vit_300m, internlm2_7b, sam_vit_l
+from leo_jax.configs import common, common_data, intern_vit_300m, internlm2_7b, sam_vit_l
 
 
 def get_config():

@@ -5,7 +5,7 @@ the 304.4M that timm lists for the model.
 24 x 24 = 576 patch tokens of width 1024 after the CLS token; LEO-MINI drops the CLS token downstream.
 """
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.eva02 import EVA02Config
 
 # timm eva02_large_patch14_clip_336: img_size=336, patch_size=14, embed_dim=1024, depth=24, num_heads=16,

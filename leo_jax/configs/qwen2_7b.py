@@ -1,6 +1,6 @@
 """Qwen2-7B(-Instruct): q/k/v biases, GQA with 4 KV heads, theta 1e6."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.llm.decoder import LLMConfig
 
 ARCH = dict(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,

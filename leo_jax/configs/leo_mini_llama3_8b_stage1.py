@@ -2,14 +2,14 @@
 pairs, template 'plain'); everything else frozen. lr 1e-3, cosine, 3% warm-up, weight decay 0, 1 epoch, bf16
 compute, max length 2048. The batch size is not in the SPEC: LLaVA-1.5's pre-training batch, 256.
 
-    python -m leo_jax.train --config configs/leo_mini_llama3_8b_stage1.py --workdir gs://.../stage1 \\
+    python -m leo_jax.train --config leo_mini_llama3_8b_stage1 --workdir gs://.../stage1 \\
       --config.data.train_files=/data/llava_pretrain/blip_laion_cc_sbu_558k.json \\
       --config.data.image_root=/data/llava_pretrain/images --config.data.tokenizer=/ckpt/llama3_8b \\
       --config.train.init="{'llm': '/ckpt/llama3_8b', 'experts/clip': '/ckpt/clip', 'experts/eva02': '/ckpt/eva02',
                             'experts/convnext': '/ckpt/convnext', 'experts/pix2struct': '/ckpt/pix2struct'}"
 (init directories: `python -m leo_jax.convert import-hf` outputs or Hugging Face directories.)
 """
-from configs import common_train, leo_mini_llama3_8b
+from leo_jax.configs import common_train, leo_mini_llama3_8b
 
 
 def get_config():

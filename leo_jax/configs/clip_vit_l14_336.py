@@ -2,7 +2,7 @@
 tokens + CLS. LEO-MINI's first expert takes the penultimate layer (output_layer=-2) and drops the CLS token;
 `get_config("224")` gives the 224 px model (openai/clip-vit-large-patch14, 16x16 patches)."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.clip import CLIPVisionConfig
 
 # openai/clip-vit-large-patch14-336 config.json, "vision_config"

@@ -2,7 +2,7 @@
 1024 px input (longest side resized to 1024, then padded) -> neck map [64, 64, 256]; LEO pixel-unshuffles it by 4
 to 16x16 = 256 tokens of width 4096."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.sam import SamVisionConfig
 
 # facebook/sam-vit-large config.json, "vision_config"

@@ -4,7 +4,7 @@ max length 2048, batch 128; the MMoE balance loss weighs 0.05 (config.train.bala
 
 Start from stage 2: --config.train.init="{'': 'STAGE2_WORKDIR/checkpoints/STEP'}".
 """
-from configs import leo_mini_llama3_8b_stage2
+from leo_jax.configs import leo_mini_llama3_8b_stage2
 
 
 def get_config():

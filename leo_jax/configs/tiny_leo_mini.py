@@ -4,7 +4,7 @@ ConvNeXt whose feature map is resized to its token grid) so CoTR mixes experts o
 
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
 
-from configs import clip_vit_l14_336, common, convnext_large, leo_mini_llama3_8b, tiny_llm
+from leo_jax.configs import clip_vit_l14_336, common, convnext_large, leo_mini_llama3_8b, tiny_llm
 
 IMAGE = 64
 

@@ -1,6 +1,6 @@
 """InternLM2-chat-7B (the LLM of LEO): GQA 8 KV heads, theta 1e6, dynamic NTK scaling (7.74B parameters)."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.llm.decoder import LLMConfig
 
 ARCH = dict(family="internlm2", vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_layers=32,

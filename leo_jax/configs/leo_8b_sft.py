@@ -4,7 +4,7 @@ template leo_internlm2_chat (InternViT drop-path and random JPEG quality on its 
 
 Start from the pre-training run: --config.train.init="{'': 'PRETRAIN_WORKDIR/checkpoints/STEP'}".
 """
-from configs import leo_8b_pretrain
+from leo_jax.configs import leo_8b_pretrain
 
 
 def get_config():

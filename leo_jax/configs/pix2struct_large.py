@@ -6,7 +6,7 @@ keeps the first 45 x 45 and bilinearly resizes that grid: set max_patches=2048 f
 checkpoint is a Pix2StructForConditionalGeneration: `convert import-hf` reads its encoder (family 'pix2struct').
 """
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.pix2struct import Pix2StructVisionConfig
 
 # google/pix2struct-large config.json -> vision_config

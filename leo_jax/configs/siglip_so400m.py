@@ -4,7 +4,7 @@ parameters, 27x27 = 729 tokens of width 1152, no CLS token.
 Defaults return HF's `last_hidden_state` (post_layernorm applied). LLaVA-style feature selection reads HF's
 `hidden_states[k]`, which has no post-LN: --config.model.output_layer=-2 --config.model.post_norm=False."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.vision.siglip import SiglipVisionConfig
 
 # google/siglip-so400m-patch14-384 config.json, "vision_config"

@@ -1,6 +1,6 @@
 """Llama-2-7B (and the Vicuna-7B v1.5 architecture)."""
 
-from configs import common
+from leo_jax.configs import common
 from leo_jax.models.llm.decoder import LLMConfig
 
 ARCH = dict(family="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,

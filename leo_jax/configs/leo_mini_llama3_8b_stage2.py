@@ -8,7 +8,7 @@ pattern (--config.train.frozen="()") to train them here too.
 
 Start from stage 1: --config.train.init="{'': 'STAGE1_WORKDIR/checkpoints/STEP'}" (a trainer checkpoint).
 """
-from configs import leo_mini_llama3_8b_stage1
+from leo_jax.configs import leo_mini_llama3_8b_stage1
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """LEO-MINI-Vicuna-7B: the Llama3-8B variant's experts plus SAM ViT-L (neck map resized to 24x24), Vicuna-7B v1.5
 as LLM with MMoE, template vicuna_v1."""
 
-from configs import common, leo_mini_llama3_8b, sam_vit_l, vicuna_7b
+from leo_jax.configs import common, leo_mini_llama3_8b, sam_vit_l, vicuna_7b
 
 
 def get_config():

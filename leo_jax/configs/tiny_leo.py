@@ -3,7 +3,7 @@ LLM; 56 px tiles (SAM enlarges them to 64 px on device), the shipped synthetic t
 
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
 
-from configs import common, leo_8b, tiny_llm
+from leo_jax.configs import common, leo_8b, tiny_llm
 
 TILE = 56
 
