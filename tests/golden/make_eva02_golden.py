@@ -2,6 +2,9 @@
 
 Run where timm (and torchvision) are installed, from the repository root:
     python tests/golden/make_eva02_golden.py
+The checked-in file was made with timm 1.0.31 on the CPU torch 2.13.0 in a scratch venv: `pip install torch==2.13.0
+numpy`, `pip install --no-deps torchvision==0.28.0` with its torchvision/_meta_registrations.py emptied (its C ops
+are CUDA builds), then `pip install -c constraints.txt timm` with torch==2.13.0 pinned in constraints.txt.
 tests/test_vision_eva02.py then checks leo_jax's EVA-02 (imported through the eva02 conversion family) and the
 PyTorch reference in leo_jax/pytorch/eva02.py against these numbers. Two variants cover timm's layouts:
 'clip' (separate q/k/v projections, sub-LN in attention, SwiGLU with its norm, final norm: eva02_*_clip_*) and
