@@ -13,6 +13,7 @@ from leo_jax.config import dataclass_from_config
 from leo_jax.convert.core import (NUMPY_DTYPES, ConversionError, Family, HFCheckpoint, SafetensorsWriter, detect_family,
                                   export_tensors, get_family, import_params, load_leo_params, read_leo_meta,
                                   save_leo_checkpoint)
+from leo_jax.layers.common import dtype_name
 
 
 def _open(src: str | os.PathLike, family: str | None) -> tuple[HFCheckpoint, Family, Any]:
@@ -33,37 +34,42 @@ def module_from_params(family: Family, cfg: Any, params: dict[str, jax.Array]) -
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",
+def _name(dtype: Any, where: str) -> str | None:
+    return None if dtype is None else dtype_name(dtype, where)
+
+
+def load_hf(path: str | os.PathLike, dtype: Any = "float32", param_dtype: Any = "float32",
             family: str | None = None) -> nnx.Module:
     """A leo_jax module holding the weights of a Hugging Face directory (family from config.json's model_type).
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters."""
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters (names or jnp / numpy dtypes)."""
     ckpt, fam, cfg = _open(path, family)
-    cfg = fam.with_dtype(cfg, dtype, param_dtype)
+    cfg = fam.with_dtype(cfg, dtype_name(dtype, "dtype"), dtype_name(param_dtype, "param_dtype"))
     params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
     return module_from_params(fam, cfg, params)
 
 
 def import_hf(src: str | os.PathLike, out: str | os.PathLike, family: str | None = None,
-              param_dtype: str = "float32") -> Path:
+              param_dtype: Any = "float32") -> Path:
     """HF directory -> leo_jax checkpoint directory (Orbax params + leo_model.json)."""
     ckpt, fam, cfg = _open(src, family)
+    param_dtype = dtype_name(param_dtype, "param_dtype")
     cfg = fam.with_dtype(cfg, getattr(cfg, "dtype", None), param_dtype)  # whole models: None keeps each part's
     params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
     return save_leo_checkpoint(out, fam, cfg, params, ckpt.config, ckpt.dtype())
 
 
-def load_leo(ckpt_dir: str | os.PathLike, dtype: str | None = None) -> nnx.Module:
+def load_leo(ckpt_dir: str | os.PathLike, dtype: Any = None) -> nnx.Module:
     """A module from a leo_jax checkpoint written by `import_hf`."""
     meta = read_leo_meta(ckpt_dir)
     fam = get_family(meta["family"])
     cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{ckpt_dir}/leo_model.json:model")
     if dtype is not None:
-        cfg = fam.with_dtype(cfg, dtype, getattr(cfg, "param_dtype", None))
+        cfg = fam.with_dtype(cfg, dtype_name(dtype), getattr(cfg, "param_dtype", None))
     return module_from_params(fam, cfg, load_leo_params(ckpt_dir))
 
 
-def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype: str | None = None,
+def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype: Any = None,
                   hf_config: dict | None = None, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Writes a module as a Hugging Face directory (config.json + safetensors), one layer at a time."""
     fam = get_family(family)
@@ -71,7 +77,7 @@ def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype
     return _write_hf(fam, module.cfg, params, out, dtype, hf_config or {}, max_shard_bytes)
 
 
-def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: Any = None,
                    components: bool = False, max_shard_bytes: int = 5 * 1024**3, tokenizer: str | None = None,
                    allow_nonofficial: bool = False) -> Path:
     """The model of a training checkpoint as one directory (its kind's family: 'leo' in the official LEO layout,
@@ -118,22 +124,21 @@ def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str |
     return path
 
 
-def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None,
               max_shard_bytes: int = 5 * 1024**3) -> Path:
     """leo_jax checkpoint -> HF directory; tensors in `dtype` (default: the dtype of the imported checkpoint)."""
     meta = read_leo_meta(src)
     fam = get_family(meta["family"])
     cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{src}/leo_model.json:model")
     params = load_leo_params(src)
-    return _write_hf(fam, cfg, params, out, dtype or meta.get("hf_dtype"), meta.get("hf_config", {}),
-                     max_shard_bytes)
+    dtype = _name(dtype, "dtype") or meta.get("hf_dtype")
+    return _write_hf(fam, cfg, params, out, dtype, meta.get("hf_config", {}), max_shard_bytes)
 
 
-def _write_hf(fam: Family, cfg: Any, params: dict, out, dtype: str | None, hf_config: dict,
+def _write_hf(fam: Family, cfg: Any, params: dict, out, dtype: Any, hf_config: dict,
               max_shard_bytes: int) -> Path:
     out = Path(out)
-    if dtype is not None and dtype not in NUMPY_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use one of {sorted(NUMPY_DTYPES)}")
+    dtype = _name(dtype, "--dtype")
     writer = SafetensorsWriter(out, max_shard_bytes)
     for name, array in export_tensors(fam, cfg, params, NUMPY_DTYPES.get(dtype)):
         writer.add(name, array)

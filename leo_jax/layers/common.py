@@ -24,6 +24,21 @@ def to_dtype(name_or_dtype: Any) -> jnp.dtype:
     return jnp.dtype(name_or_dtype)
 
 
+def dtype_name(dtype: Any, where: str = "dtype") -> str:
+    """The config name ('float32', 'bfloat16', 'float16') of a name or of a dtype in the Flax convention
+    (jnp.float32, jnp.bfloat16, np.float16, np.dtype(...)): model configs store names, public functions take either."""
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"{where}={dtype!r}: use one of {sorted(DTYPES)} (a name or the jnp / numpy dtype)")
+    return name
+
+
 def param(rngs: nnx.Rngs | None, init: Callable, shape: Shape, axes: Axes, dtype: Any) -> nnx.Param:
     """An nnx.Param that carries its logical axis names (`axes`), used by leo_jax.sharding."""
     if len(axes) != len(shape):
