@@ -20,9 +20,10 @@ def _run(cmd, cwd, env=None, timeout=600):
 @pytest.mark.slow
 def test_pip_install_then_commands_from_another_directory(tmp_path):
     """The installed copy (not the checkout) serves presets by name, the synthetic tokenizer and console scripts."""
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: setuptools builds in the source tree
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "*venv", "build", "*.egg-info", "__pycache__"))
     pip = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                "--target", str(target), str(REPO)], cwd=tmp_path)
+                "--target", str(target), str(source)], cwd=tmp_path)
     assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
     assert (target / "leo_jax" / "configs" / "tiny_leo_mini_train.py").is_file()
     assert (target / "leo_jax" / "data" / "assets" / "synthetic_tokenizer.json").is_file()
