@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     # records (so a handful of early skips does not stop a run, but a wrong image_root does, quickly).
     c.max_skip_fraction = 0.01
     c.min_records_checked = 200
+    # A second, windowed limit: stop once more than max_window_skip_fraction of the last skip_window records were
+    # skipped (a bad shard after millions of good records never moves the cumulative fraction). 0 = off.
+    c.skip_window = 1000
+    c.max_window_skip_fraction = 0.1
 
     # --- LEO: adaptive tiling, InternViT + SAM per tile (SPEC 2.1) -----------------------------------------------
     c.leo = ml_collections.ConfigDict()

@@ -55,6 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3  # the newest N are kept
     c.async_checkpoint = True  # write in the background while training continues
+    # Resume from this saved step instead of the newest (-1); newer checkpoints are moved to
+    # WORKDIR/checkpoints_set_aside/, not deleted. E.g. after a loss blow-up, to go back before it.
+    c.resume_step = -1
+    # An unreadable newest checkpoint is moved aside (with a warning) and the previous one used; False = stop instead.
+    c.checkpoint_fallback = True
+    # Resuming refuses changes to the fields that fix the saved data position and the schedule (data files, seeds,
+    # batch size, seq_len, packing, epochs, steps, schedule shape); True accepts them (with a warning).
+    c.allow_config_change = False
     # Peak FLOP/s of one device for the MFU estimate; 0 = look the device kind up (TPU v4/v5e/v5p/v6e, A100, H100,
     # H200); unknown kinds (e.g. CPU) log no MFU.
     c.peak_flops_per_device = 0.0

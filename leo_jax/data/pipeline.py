@@ -53,26 +53,48 @@ class DataSkipLimitError(RuntimeError):
 
 
 class SkipStats:
-    """Counts of seen and skipped records per reason; raises once the skip fraction passes the limit.
+    """Counts of seen and skipped records per reason; raises once the skip fraction passes the limit, over all
+    records so far or over the last ``window`` records (a bad shard late in a long run).
 
     ``as_metrics()`` gives flat numbers for the trainer's logs; ``state()``/``load()`` travel in the iterator state.
     """
 
-    def __init__(self, max_skip_fraction: float, min_records_checked: int):
-        if not 0 <= max_skip_fraction <= 1:
-            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+    def __init__(self, max_skip_fraction: float, min_records_checked: int, window: int = 0,
+                 max_window_skip_fraction: float = 1.0):
+        for name, value in (("max_skip_fraction", max_skip_fraction),
+                            ("max_window_skip_fraction", max_window_skip_fraction)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+        if window < 0:
+            raise ValueError(f"data.skip_window must be >= 0 (0 = no windowed limit), got {window}")
         self.max_skip_fraction = max_skip_fraction
         self.min_records_checked = min_records_checked
+        self.max_window_skip_fraction = max_window_skip_fraction
         self.seen = 0
         self.skipped: collections.Counter[str] = collections.Counter()
+        self.recent: collections.deque[int] = collections.deque(maxlen=window or None)  # 1 = skipped
+        self.window = window
+
+    def _record(self, skipped: bool) -> None:
+        self.seen += 1
+        if self.window:
+            self.recent.append(int(skipped))
 
     def record_ok(self) -> None:
-        self.seen += 1
+        self._record(False)
 
     def record_skip(self, reason: str, origin: str, detail: str) -> None:
-        self.seen += 1
+        self._record(True)
         self.skipped[reason] += 1
         logger.warning("data: skipped %s (%s: %s)", origin, reason, detail)
+        recent = sum(self.recent)
+        if self.window and len(self.recent) == self.window and recent > self.max_window_skip_fraction * self.window:
+            raise DataSkipLimitError(
+                f"skipped {recent} of the last {self.window} records ({recent / self.window:.1%} > "
+                f"max_window_skip_fraction={self.max_window_skip_fraction:.1%}; {sum(self.skipped.values())} of "
+                f"{self.seen} in all); by reason: {dict(self.skipped)}; last: {origin} ({reason}: {detail}). "
+                "A bad file or shard? Check it, or raise data.max_window_skip_fraction / data.skip_window."
+            )
         total = sum(self.skipped.values())
         if self.seen >= self.min_records_checked and total > self.max_skip_fraction * self.seen:
             raise DataSkipLimitError(
@@ -84,14 +106,18 @@ class SkipStats:
     def as_metrics(self) -> dict[str, int]:
         metrics = {"data/records_seen": self.seen, "data/records_skipped": sum(self.skipped.values())}
         metrics.update({f"data/skipped/{reason}": n for reason, n in sorted(self.skipped.items())})
+        if self.recent:
+            metrics["data/window_skip_fraction"] = sum(self.recent) / len(self.recent)
         return metrics
 
     def state(self) -> dict[str, Any]:
-        return {"seen": self.seen, "skipped": dict(self.skipped)}
+        return {"seen": self.seen, "skipped": dict(self.skipped), "recent": "".join(map(str, self.recent))}
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.seen = int(state["seen"])
         self.skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+        self.recent.clear()
+        self.recent.extend(int(c) for c in state.get("recent", "")[-self.window:] if self.window)
 
 
 def _skip(reason: str, origin: str, detail: str) -> dict[str, str]:
@@ -235,13 +261,16 @@ class PackedBatchDataset(grain.IterDataset):
         self.layout = layout
         self.max_skip_fraction = float(data_config.max_skip_fraction)
         self.min_records_checked = int(data_config.min_records_checked)
+        self.skip_window = int(data_config.skip_window)
+        self.max_window_skip_fraction = float(data_config.max_window_skip_fraction)
         self.min_batches = min_batches
 
     def __iter__(self) -> "PackedBatchIterator":
         return PackedBatchIterator(
             self._parent.__iter__(),
             self.layout,
-            SkipStats(self.max_skip_fraction, self.min_records_checked),
+            SkipStats(self.max_skip_fraction, self.min_records_checked, self.skip_window,
+                      self.max_window_skip_fraction),
             self.min_batches,
         )
 

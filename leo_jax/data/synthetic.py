@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -397,8 +398,21 @@ def corpus_texts() -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Files
 # ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic(path: str):
+    """Yields a temporary path next to `path`, renamed onto it once the block completes: a killed writer never
+    leaves a partial file under the final name (the set is regenerated when data.json / val.json are missing)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _write_json(path, value):
-    with open(path, "w") as f:
+    with _atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(value, f, indent=1)
         f.write("\n")
 
@@ -414,7 +428,7 @@ def benchmark_record(record: dict) -> dict:
 def write_benchmark_file(out_dir: str, val_records: list[dict]) -> str:
     """out_dir/val.jsonl: the validation questions as `python -m leo_jax.eval` reads them."""
     path = os.path.join(out_dir, "val.jsonl")
-    with open(path, "w") as f:
+    with _atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(benchmark_record(record)) + "\n" for record in val_records)
     return path
 
@@ -426,7 +440,8 @@ def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> lis
     for record in records:
         paths = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
         for path, scene in zip(paths, record.get("scenes", [])):
-            render_scene(scene).save(os.path.join(out_dir, path), format="PNG")
+            with _atomic(os.path.join(out_dir, path)) as tmp:
+                render_scene(scene).save(tmp, format="PNG")
     return records
 
 

@@ -291,6 +291,16 @@ def encode_conversation(conversations: Sequence[dict], tokenizer: Tokenizer, tem
         if reserved in all_text:
             raise ValueError(f"conversation text contains the reserved token {reserved!r}; write images as "
                              f"{IMAGE_PLACEHOLDER!r} and remove literal image tokens from the data")
+    # Template control tokens typed in the text would become real structure (a turn end, a header): rejected, so
+    # the training pipeline counts such a sample as a skip ('bad_conversation') and chat reports it.
+    control = [t for t in template.special_tokens if t != EOS]
+    if EOS in template.special_tokens and tokenizer.eos_id is not None:
+        control.append(tokenizer.id_to_token(tokenizer.eos_id))
+    for reserved in control:
+        if reserved in all_text:
+            raise ValueError(f"conversation text contains {reserved!r}, a control token of template "
+                             f"{template.name!r}; typed in a message it would end or open a turn. Remove it from "
+                             "the text")
     num_images = sum(user.count(IMAGE_PLACEHOLDER) for user, _ in exchanges)
     counts = [int(n) for n in image_token_counts]
     if num_images != len(counts):

@@ -3,7 +3,9 @@
 Trains the preset's model on its data (resuming from DIR/checkpoints when there are checkpoints), logs to
 DIR/metrics.jsonl and DIR/tensorboard, evaluates on data.eval_files and saves checkpoints in DIR/checkpoints.
 With the built-in synthetic set (data.train_files under DIR/synthetic, see the tiny_leo_mini_train preset) the set is
-generated first if absent.
+generated first if absent, unless --config.data.train_files is given.
+Exit status: 0 done (or stopped by SIGTERM with a checkpoint), 2 bad config or input, 3 non-finite loss or
+parameters, 4 storage, workdir lock or unreadable checkpoint.
 """
 
 from __future__ import annotations
@@ -48,17 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("leo_jax.train").info("%s", distributed.describe())
 
     from leo_jax.data.pipeline import DataSkipLimitError
+    from leo_jax.train.checkpoint import CheckpointReadError
     from leo_jax.train.loop import NonFiniteLossError, train
-    from leo_jax.train.synthetic_data import ensure_synthetic_data
+    from leo_jax.train.workdir import StorageError, WorkdirLockedError
 
+    log = logging.getLogger("leo_jax.train")
     try:
-        ensure_synthetic_data(config, args.workdir)
         train(config, args.workdir)
     except NonFiniteLossError as e:
-        logging.getLogger("leo_jax.train").error("%s", e)
+        log.error("%s", e)
         return 3
+    except (StorageError, WorkdirLockedError, CheckpointReadError) as e:  # the workdir or its storage
+        log.error("%s: %s", type(e).__name__, e)
+        return 4
     except (ValueError, FileNotFoundError, DataSkipLimitError) as e:  # bad config or input; the message says the fix
-        logging.getLogger("leo_jax.train").error("%s: %s", type(e).__name__, e)
+        log.error("%s: %s", type(e).__name__, e)
         return 2
     return 0
 

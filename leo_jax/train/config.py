@@ -36,6 +36,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
+    resume_step: int = -1
+    checkpoint_fallback: bool = True
+    allow_config_change: bool = False
     peak_flops_per_device: float = 0.0
 
     def __post_init__(self):
@@ -50,6 +53,7 @@ class TrainConfig:
         require(self.grad_clip_norm >= 0, f"{w}.grad_clip_norm must be >= 0 (0 = no clipping)")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             require(getattr(self, name) >= 1, f"{w}.{name} must be >= 1")
+        require(self.resume_step >= -1, f"{w}.resume_step={self.resume_step}: give a saved step, or -1 for the newest")
         require(self.eval_every >= 0, f"{w}.eval_every must be >= 0 (0 = only at the end)")
         for field in ("trainable", "frozen"):
             for pattern in getattr(self, field):

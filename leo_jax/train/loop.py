@@ -1,6 +1,12 @@
 """The training loop: set-up (mesh, sharded state, data, checkpoints, resume), the step loop with logging,
 evaluation and checkpointing, SIGTERM handling and the non-finite-loss stop.
 
+Failure behaviour: one trainer per workdir (a lock file); every exit (error, signal, end) waits for the pending
+checkpoint write and logs the newest complete checkpoint; a checkpoint is only written when every parameter and
+optimizer value is finite; resume falls back past an unreadable newest checkpoint, can start from an older one
+(train.resume_step) and refuses config changes that would misplace the data position or re-stretch the schedule
+(train.allow_config_change).
+
 The loop never waits for the device except to log (every `train.log_every` steps), to check the pending losses
 before a checkpoint, and to evaluate: steps are dispatched asynchronously while the host prepares the next batch.
 """
@@ -16,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -32,14 +39,46 @@ from leo_jax.train.optimizer import TrainableFilter, check_patterns, count_param
 from leo_jax.train.pretrained import apply_init
 from leo_jax.train.state import abstract_train_state, create_train_state
 from leo_jax.train.step import device_batch, jit_train_step, make_train_step
+from leo_jax.train.synthetic_data import ensure_synthetic_data
+from leo_jax.train.workdir import WorkdirLock, check_writable
 
 logger = logging.getLogger("leo_jax.train")
 
 LOSS_KEYS = ("loss", "total_loss", "grad_norm")  # checked for NaN / inf at every log and before every checkpoint
 
 
+# Config fields a resumed run must share with its checkpoint: the saved data position refers to these records in
+# this order, and the learning-rate schedule to this length and shape (train.allow_config_change=True overrides).
+RESUME_FIELDS = ("seed", "data.train_files", "data.image_root", "data.split", "data.seed", "data.shuffle",
+                 "data.num_epochs", "data.global_batch_size", "data.seq_len", "data.packing", "data.template",
+                 "data.tokenizer", "train.steps", "train.schedule", "train.warmup_fraction", "train.final_lr_fraction",
+                 "train.grad_accum_steps")
+
+
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the message names the step."""
+    """The loss or the parameters became NaN or infinite; the message names the step."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _config_value(config: Any, dotted: str) -> Any:
+    """The value at a dotted path of a (nested dict) config as JSON would store it; None when absent."""
+    node = config
+    for name in dotted.split("."):
+        if not hasattr(node, "get") or name not in node:
+            return None
+        node = node[name]
+    return json.loads(json.dumps(node.to_dict() if hasattr(node, "to_dict") else node))
+
+
+def config_changes(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> current' for each RESUME_FIELDS entry that differs."""
+    return [f"{f}: {_config_value(saved, f)!r} -> {_config_value(current, f)!r}" for f in RESUME_FIELDS
+            if _config_value(saved, f) != _config_value(current, f)]
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -103,10 +142,18 @@ class Trainer:
         self.filter = TrainableFilter(self.train_cfg.trainable, self.train_cfg.frozen)
         self.seed = int(self.config.seed)
         check_patterns(nnx.eval_shape(lambda: self._build(nnx.Rngs(params=self.seed))), self.train_cfg)
-        os.makedirs(workdir, exist_ok=True)
-        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=self.train_cfg.keep_checkpoints,
-                                         async_save=self.train_cfg.async_checkpoint)
-        self.writer = metrics_lib.MetricsWriter(workdir)
+        primary = jax.process_index() == 0
+        if "://" not in workdir:
+            check_writable(workdir, "the work directory")
+        self.lock = WorkdirLock(workdir, primary).acquire()
+        try:
+            self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             keep=self.train_cfg.keep_checkpoints,
+                                             async_save=self.train_cfg.async_checkpoint, primary=primary)
+            self.writer = metrics_lib.MetricsWriter(workdir)
+        except BaseException:
+            self.lock.release()
+            raise
         self.graphdef = self.state = self.state_shardings = None
         self.iterator = None
         self._train_step = None
@@ -122,9 +169,18 @@ class Trainer:
     # --- set-up --------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Creates (or restores) the sharded state and the data iterator at the right position."""
-        self.iterator = pipeline.make_train_iterator(self.config.data, self.kind)
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        data = self.config.data
+        logger.info("data: training on %s; evaluating on %s", data.train_files,
+                    data.eval_files or "the training files")
+        self.iterator = pipeline.make_train_iterator(data, self.kind)
+        steps = self.checkpointer.all_steps()
+        resume_step = self.train_cfg.resume_step
+        if resume_step >= 0:
+            if resume_step not in steps:
+                raise ValueError(f"config.train.resume_step={resume_step}: there is no checkpoint {resume_step} in "
+                                 f"{self.checkpointer.directory} (available: {steps or 'none'})")
+            self.checkpointer.set_aside([s for s in steps if s > resume_step], f"after-resume-step-{resume_step}")
+        if not steps:
             self.graphdef, self.state, self.state_shardings = create_train_state(
                 self._build, self.filter, self.tx, self.seed, self.mesh)
             if self.train_cfg.init:
@@ -133,7 +189,18 @@ class Trainer:
         else:
             self.graphdef, abstract, self.state_shardings = abstract_train_state(
                 self._build, self.filter, self.tx, self.seed, self.mesh)
-            self.state = self.checkpointer.restore(latest, abstract, self.iterator)
+            latest, self.state = self.checkpointer.restore_usable(abstract, self.iterator,
+                                                                  fallback=self.train_cfg.checkpoint_fallback)
+            changes = config_changes(self.checkpointer.saved_config(latest), self.config)
+            if changes and not self.train_cfg.allow_config_change:
+                raise ValueError(f"resuming from {self.checkpointer.directory}/{latest}: the config differs from the "
+                                 f"one the checkpoint was written with in {'; '.join(changes)}. These fields fix the "
+                                 "saved data position and the learning-rate schedule; restore them, use a new "
+                                 "--workdir, or accept the change with --config.train.allow_config_change=True")
+            if changes:
+                logger.warning("resuming with a changed config (train.allow_config_change=True): %s",
+                               "; ".join(changes))
+            self.writer.truncate(latest)
             logger.info("resumed from %s/%d (step %d of %d)", self.checkpointer.directory, latest,
                         int(self.state.step), self.total_steps)
         trainable, frozen = count_params(self.state.trainable), count_params(self.state.frozen)
@@ -154,8 +221,15 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> dict[str, float]:
         """Trains to train.steps (or only up to step `stop_at`, then checkpoints and returns: a planned
         interruption, e.g. the end of a time slot; the same command later resumes exactly)."""
-        if self.state is None:
-            self.setup()
+        try:
+            if self.state is None:
+                self.setup()
+            return self._run(stop_at)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _run(self, stop_at: int | None) -> dict[str, float]:
         start = int(self.state.step)
         jitted = None
         batch_spec = P(("data", "fsdp"))
@@ -195,10 +269,32 @@ class Trainer:
                     self.close()
                     return self.last_eval
             self.checkpointer.wait()
+            self._report_newest()
             if self.train_cfg.eval_at_end:
                 self._evaluate(int(self.state.step))
         self.close()
         return self.last_eval
+
+    def _abort(self) -> None:
+        """On an error exit: waits for the pending checkpoint write (a failed one is logged and its partial
+        directory removed), says which checkpoint is the newest complete one, releases the workdir."""
+        try:
+            self.checkpointer.wait()
+        except Exception as e:  # the original error is the one to raise; this one is reported
+            logger.error("the pending checkpoint write failed too: %s", e)
+        self._report_newest()
+        try:
+            self.close()
+        except Exception as e:
+            logger.error("closing the checkpointer failed: %s", e)
+
+    def _report_newest(self) -> None:
+        newest = self.checkpointer.latest_step()
+        if newest is None:
+            logger.warning("no complete checkpoint in %s", self.checkpointer.directory)
+        else:
+            logger.info("newest complete checkpoint: step %d in %s (rerun the same command to resume from it)",
+                        newest, self.checkpointer.directory)
 
     def _log(self) -> None:
         """Fetches the pending step metrics (the only host sync), stops on a non-finite loss, writes a record."""
@@ -206,6 +302,7 @@ class Trainer:
             return
         fetched = [(s, jax.device_get(m), length) for s, m, length in self._pending]
         self._pending = []
+        self.checkpointer.check_for_errors()  # a failed background write stops the run now, not at the next save
         for step, values, _ in fetched:
             watched = {k: float(values[k]) for k in LOSS_KEYS if k in values}
             if int(values.get("visual_token_mismatch", 0)):
@@ -214,9 +311,7 @@ class Trainer:
                                  "placeholders and the images/tiles in the batch must match (check the template's "
                                  "image token counts and the model's image_context_id)")
             if not all(math.isfinite(v) for v in watched.values()):
-                raise NonFiniteLossError(f"non-finite loss at step {step} ({watched}); the newest checkpoint in "
-                                         f"{self.checkpointer.directory} predates it. Lower train.learning_rate, "
-                                         "check the data, or resume from that checkpoint")
+                raise NonFiniteLossError(f"non-finite loss at step {step} ({watched}); {self._finite_advice()}")
         step = fetched[-1][0]
         now = time.perf_counter()
         elapsed = now - self._last_log[0]
@@ -232,6 +327,7 @@ class Trainer:
             if value:
                 scalars[f"perf/{key}_per_second"] = value * processes / max(elapsed, 1e-9)
         self._counts = dict.fromkeys(self._counts, 0.0)
+        scalars.update(self.iterator.skip_stats.as_metrics())
         flops = np.mean([metrics_lib.train_flops_per_step(self.model_cfg, length, int(
             self.config.data.global_batch_size), self.num_params) for _, _, length in fetched])
         scalars["perf/tflops_per_second"] = flops / seconds_per_step / 1e12
@@ -274,18 +370,35 @@ class Trainer:
             with open(os.path.join(self.workdir, "eval_results.json"), "w") as f:
                 json.dump({"step": step, **results}, f, indent=1)
 
+    def _finite_advice(self) -> str:
+        newest = self.checkpointer.latest_step()
+        where = (f"the newest checkpoint, step {newest} in {self.checkpointer.directory}, holds finite values (a "
+                 "non-finite state is never saved)" if newest is not None else "no checkpoint was saved")
+        return (f"{where}. Lower train.learning_rate or check the data, then rerun to resume from it, or from an "
+                "older step with --config.train.resume_step=N")
+
     def _save(self, step: int, force: bool = False) -> None:
         self._log()  # never checkpoint a state whose pending losses were not checked
         if step in self.checkpointer.all_steps():
             return
+        # The loss of step k is computed before step k's update: only the state itself shows an update that blew up.
+        if not bool(_all_finite(self.state)):
+            raise NonFiniteLossError(f"the parameters or optimizer state are not finite after step {step}; "
+                                     f"checkpoint {step} is not written; {self._finite_advice()}")
         if self.checkpointer.save(step, self.state, self.iterator, self.config.to_dict(), force=force):
             logger.info("checkpoint %d saving to %s", step, self.checkpointer.directory)
 
     def close(self) -> None:
-        self.checkpointer.wait()
-        self.checkpointer.close()
-        self.writer.close()
+        try:
+            self.checkpointer.wait()
+            self.checkpointer.close()
+        finally:
+            self.writer.close()
+            self.lock.release()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    return Trainer(config, workdir).run()
+    """Writes the preset's synthetic set if it uses one, then trains; the workdir is locked throughout."""
+    with WorkdirLock(workdir, jax.process_index() == 0):
+        ensure_synthetic_data(config, workdir)
+        return Trainer(config, workdir).run()

@@ -86,6 +86,14 @@ def to_scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]
     return out
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a blank or torn line (a process killed mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON object per record, with 'step') + TensorBoard event files; process 0 only."""
 
@@ -98,6 +106,19 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Drops the records after `step` (a resumed run rewrites them), atomically (temp file + rename)."""
+        if not self.active:
+            return
+        self.jsonl.close()
+        path = self.jsonl.name
+        with open(path) as f:
+            kept = [line for line in f if _record_step(line) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:

@@ -16,12 +16,17 @@ logger = logging.getLogger("leo_jax.train")
 def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """With a `config.synthetic` section ({num, val_num, seed, image_size, multi_image_fraction, caption_fraction,
     follow_ups, dir}), points data.train_files / data.eval_files at the set in `dir` (default WORKDIR/synthetic),
-    writing it first if absent."""
+    writing it first if absent. Explicit data.train_files win: then the synthetic set is neither written nor used
+    (data.eval_files stays as given; empty = evaluate on the training files)."""
     if "synthetic" not in config:
         return
     spec = config.synthetic
     out = spec.dir or os.path.join(workdir, "synthetic")
     train_file, val_file = os.path.join(out, "data.json"), os.path.join(out, "val.json")
+    if config.data.train_files and config.data.train_files != train_file:
+        logger.info("data.train_files is given (%s): the preset's built-in synthetic set is not used",
+                    config.data.train_files)
+        return
     if not (os.path.exists(train_file) and os.path.exists(val_file)):
         logger.info("writing the synthetic set (%d train / %d validation samples) to %s", spec.num, spec.val_num, out)
         info = synthetic.write_dataset(out, spec.num, spec.seed, val_num=spec.val_num, image_size=spec.image_size,
@@ -33,4 +38,4 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> No
         with open(val_file) as f:
             synthetic.write_benchmark_file(out, json.load(f))
     config.data.train_files = train_file
-    config.data.eval_files = val_file
+    config.data.eval_files = config.data.eval_files or val_file
