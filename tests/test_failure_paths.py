@@ -87,6 +87,13 @@ def copy_run(trained: str, tmp_path) -> str:
     return workdir
 
 
+def resume_config(trained: str, workdir: str, **train) -> ml_collections.ConfigDict:
+    """The `trained` run's config for its copy in `workdir` (the same data file)."""
+    config = llm_train_config(workdir, **{"steps": 6, "checkpoint_every": 2, **train})
+    config.data.train_files = os.path.join(trained, "text.json")
+    return config
+
+
 # 1 ------------------------------------------------------------------------------------------------------------------
 def test_error_exit_waits_for_the_pending_checkpoint(tmp_path, monkeypatch, caplog):
     """A data error right after `checkpoint 3 saving` (the write still in flight) leaves checkpoint 3 complete, and
@@ -198,7 +205,7 @@ def test_a_non_finite_update_is_never_checkpointed(tmp_path):
 
 def test_resume_step_resumes_from_an_older_checkpoint(trained, tmp_path):
     workdir = copy_run(trained, tmp_path)
-    trainer = Trainer(llm_train_config(workdir, steps=6, checkpoint_every=2, resume_step=4), workdir)
+    trainer = Trainer(resume_config(trained, workdir, resume_step=4), workdir)
     trainer.setup()
     assert int(trainer.state.step) == 4 and trainer.iterator.get_state()["batches_emitted"] == 4
     assert checkpoint_entries(workdir) == ["2", "4"]
@@ -208,7 +215,7 @@ def test_resume_step_resumes_from_an_older_checkpoint(trained, tmp_path):
     assert metric_steps(workdir) == [1, 2, 3, 4, 5, 6]  # no duplicates
     assert checkpoint_entries(workdir) == ["2", "4", "6"]
     with pytest.raises(ValueError, match=r"resume_step=5: there is no checkpoint 5 .*\[2, 4, 6\]"):
-        Trainer(llm_train_config(workdir, steps=6, checkpoint_every=2, resume_step=5), workdir).run()
+        Trainer(resume_config(trained, workdir, resume_step=5), workdir).run()
 
 
 # 7 ------------------------------------------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
     workdir = copy_run(trained, tmp_path)
     corrupt(os.path.join(workdir, "checkpoints", "6"))
     with caplog.at_level(logging.WARNING, logger="leo_jax.train"):
-        trainer = Trainer(llm_train_config(workdir, steps=6, checkpoint_every=2), workdir)
+        trainer = Trainer(resume_config(trained, workdir), workdir)
         trainer.setup()
     assert int(trainer.state.step) == 4
     assert f"checkpoint {workdir}/checkpoints/6 cannot be read" in caplog.text
@@ -237,7 +244,7 @@ def test_corrupt_checkpoint_without_fallback_is_a_short_clear_error(trained, tmp
     workdir = copy_run(trained, tmp_path)
     corrupt(os.path.join(workdir, "checkpoints", "6"))
     with pytest.raises(CheckpointReadError, match=f"checkpoint {workdir}/checkpoints/6 cannot be read") as error:
-        Trainer(llm_train_config(workdir, steps=6, checkpoint_every=2, checkpoint_fallback=False), workdir).run()
+        Trainer(resume_config(trained, workdir, checkpoint_fallback=False), workdir).run()
     assert len(str(error.value)) < 700 and "\n" not in str(error.value)
     assert checkpoint_entries(workdir) == ["2", "4", "6"]  # nothing moved without the fallback
 
@@ -270,7 +277,7 @@ def test_skip_counts_reach_metrics_jsonl(trained):
 # 9 ------------------------------------------------------------------------------------------------------------------
 def test_resume_refuses_config_changes_that_move_the_data_or_the_schedule(trained, tmp_path):
     workdir = copy_run(trained, tmp_path)
-    config = llm_train_config(workdir, steps=8, checkpoint_every=2)
+    config = resume_config(trained, workdir, steps=8)
     config.data.seed = 1
     with pytest.raises(ValueError, match=r"data.seed: 0 -> 1; train.steps: 6 -> 8.*allow_config_change=True"):
         Trainer(config, workdir).run()
