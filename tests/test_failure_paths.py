@@ -258,7 +258,7 @@ def test_windowed_skip_limit_catches_a_bad_shard_late_in_a_run():
         stats.record_ok()
     for i in range(50):
         stats.record_skip("missing_image", f"shard.jsonl:{i}", "no such file")
-    assert stats.as_metrics()["data/window_skip_fraction"] == 0.5
+    assert stats.window_metrics() == {"data/window_skip_fraction": 0.5}
     restored = SkipStats(0.9, 10, window=100, max_window_skip_fraction=0.5)
     restored.load(json.loads(json.dumps(stats.state())))  # the window travels in the iterator state
     for s in (stats, restored):

@@ -106,9 +106,11 @@ class SkipStats:
     def as_metrics(self) -> dict[str, int]:
         metrics = {"data/records_seen": self.seen, "data/records_skipped": sum(self.skipped.values())}
         metrics.update({f"data/skipped/{reason}": n for reason, n in sorted(self.skipped.items())})
-        if self.recent:
-            metrics["data/window_skip_fraction"] = sum(self.recent) / len(self.recent)
         return metrics
+
+    def window_metrics(self) -> dict[str, float]:
+        """The skipped fraction of the last `window` records (empty before the first record or without a window)."""
+        return {"data/window_skip_fraction": sum(self.recent) / len(self.recent)} if self.recent else {}
 
     def state(self) -> dict[str, Any]:
         return {"seen": self.seen, "skipped": dict(self.skipped), "recent": "".join(map(str, self.recent))}

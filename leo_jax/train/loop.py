@@ -328,6 +328,7 @@ class Trainer:
                 scalars[f"perf/{key}_per_second"] = value * processes / max(elapsed, 1e-9)
         self._counts = dict.fromkeys(self._counts, 0.0)
         scalars.update(self.iterator.skip_stats.as_metrics())
+        scalars.update(self.iterator.skip_stats.window_metrics())
         flops = np.mean([metrics_lib.train_flops_per_step(self.model_cfg, length, int(
             self.config.data.global_batch_size), self.num_params) for _, _, length in fetched])
         scalars["perf/tflops_per_second"] = flops / seconds_per_step / 1e12
