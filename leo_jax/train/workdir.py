@@ -42,7 +42,7 @@ def check_writable(directory: str, what: str) -> None:
     """Creates `directory` and writes and removes a probe file there; raises StorageError on failure."""
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+        probe = os.path.join(directory, f".write-probe-{socket.gethostname()}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
