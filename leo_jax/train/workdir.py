@@ -32,9 +32,10 @@ class WorkdirLockedError(RuntimeError):
 def storage_error(path: str, error: OSError, what: str) -> StorageError:
     """A StorageError naming `what` at `path` and the OS cause (e.g. 'Read-only file system')."""
     cause = error.strerror or str(error)
-    hint = {errno.EROFS: "mount it read-write or choose another directory",
-            errno.ENOSPC: "free space there or choose another directory",
-            errno.EACCES: "fix its permissions or choose another directory"}.get(error.errno, "choose another directory")
+    hints = {errno.EROFS: "mount it read-write or choose another directory",
+             errno.ENOSPC: "free space there or choose another directory",
+             errno.EACCES: "fix its permissions or choose another directory"}
+    hint = hints.get(error.errno, "choose another directory")
     return StorageError(error.errno, f"{what} {path} is not writable ({cause}); {hint}")
 
 
@@ -74,7 +75,7 @@ class WorkdirLock:
         self.path = os.path.realpath(os.path.join(workdir, LOCK_NAME)) if self.active else ""
         self._acquired = False
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         if not self.active or self._acquired:
             return self
         if self.path in _held:
@@ -116,7 +117,7 @@ class WorkdirLock:
             fcntl.flock(entry[0], fcntl.LOCK_UN)
             entry[0].close()
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
