@@ -42,8 +42,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -185,6 +183,8 @@ def resize_like_pil(pixels: jax.Array, size: tuple[int, int], resample: str | in
     Only enlarging (or keeping) each axis is supported: when an axis shrinks, Pillow 13 chooses the pass order
     with its own heuristic, which we do not reproduce.
     """
+    import jax.numpy as jnp
+
     resample = _resample_filter(resample)
     if pixels.dtype != jnp.uint8:
         raise TypeError(f"resize_like_pil expects uint8 pixels, got {pixels.dtype}")
@@ -253,12 +253,20 @@ class Preprocessor(abc.ABC):
     def _geometry_settings(self) -> dict:
         """The resize / crop / pad rule and its sizes."""
 
-    def device(self, pixels: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    def device(self, pixels: jax.Array, dtype: Any = "float32") -> jax.Array:
         """Rescale and normalise uint8 pixels [..., H, W, 3] (NHWC) on device, as transformers does on host."""
+        import jax.numpy as jnp
+
         if pixels.shape[-1] != 3:
             raise ValueError(f"{self.kind}: expected channels-last RGB pixels [..., H, W, 3], got {pixels.shape}")
         x = pixels.astype(jnp.float32) * self._scale + self._offset
         return x.astype(dtype)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """``device`` in numpy, for consumers without JAX (the PyTorch processor): float32 [..., H, W, 3]."""
+        if pixels.shape[-1] != 3:
+            raise ValueError(f"{self.kind}: expected channels-last RGB pixels [..., H, W, 3], got {pixels.shape}")
+        return pixels.astype(np.float32) * self._scale + self._offset
 
 
 class ResizePreprocessor(Preprocessor):
@@ -347,8 +355,10 @@ class SamPreprocessor(Preprocessor):
             return resized
         return resized.crop((0, 0, pad_w, pad_h))  # PIL fills outside pixels with 0: bottom/right zero padding
 
-    def device(self, pixels: jax.Array, dtype: Any = jnp.float32, valid_hw: jax.Array | None = None) -> jax.Array:
+    def device(self, pixels: jax.Array, dtype: Any = "float32", valid_hw: jax.Array | None = None) -> jax.Array:
         """Normalise, then zero everything outside each image's ``valid_hw`` [..., 2] (h, w) region."""
+        import jax.numpy as jnp
+
         x = super().device(pixels, jnp.float32)
         if valid_hw is not None:
             valid_hw = jnp.asarray(valid_hw)
@@ -358,12 +368,14 @@ class SamPreprocessor(Preprocessor):
             x = jnp.where(inside[..., None], x, 0.0)
         return x.astype(dtype)
 
-    def device_from_small(self, pixels: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    def device_from_small(self, pixels: jax.Array, dtype: Any = "float32") -> jax.Array:
         """SAM input built on device from uint8 images no larger than ``longest_edge`` (LEO: the 448 px tiles).
 
         PIL-exact enlargement (``resize_like_pil``), zero padding and normalisation: equals
         ``device(host(image))`` while moving ~5x fewer bytes host->device for 448 -> 1024 tiles.
         """
+        import jax.numpy as jnp
+
         height, width = self.resized_size(pixels.shape[-3], pixels.shape[-2])
         x = resize_like_pil(pixels, (height, width), self.resample)
         pad_h, pad_w = self.output_size
@@ -476,8 +488,10 @@ class Pix2StructPreprocessor:
         mask[:n] = 1.0
         return {"flattened_patches": out, "attention_mask": mask}
 
-    def device(self, patches: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    def device(self, patches: jax.Array, dtype: Any = "float32") -> jax.Array:
         """Patches are already standardised on the host; only cast."""
+        import jax.numpy as jnp
+
         return jnp.asarray(patches).astype(dtype)
 
 
@@ -529,6 +543,30 @@ _FACTORIES: dict[str, Callable[..., Any]] = {
     "pix2struct": Pix2StructPreprocessor,
 }
 KINDS = tuple(_FACTORIES)
+
+
+def from_settings(settings: dict, where: str = "preprocessor_config.json") -> Preprocessor | Pix2StructPreprocessor:
+    """The preprocessor whose ``settings()`` are ``settings`` (an exported preprocessor_config.json entry)."""
+    try:
+        kind, resize = settings["kind"], settings["resize"]
+        if kind == "pix2struct":
+            return Pix2StructPreprocessor(settings["max_patches"], settings["patch_size"]["height"])
+        common = dict(resample=settings["resample"], mean=settings["image_mean"], std=settings["image_std"],
+                      rescale_factor=settings["rescale_factor"])
+        if resize == "resize":
+            size = (settings["size"]["height"], settings["size"]["width"])
+            return ResizePreprocessor(kind, size, alpha_onto_white=kind != "intern_vit", **common)
+        if resize == "shortest_edge_then_center_crop":
+            crop = (settings["crop_size"]["height"], settings["crop_size"]["width"])
+            return ShortestEdgeCropPreprocessor(kind, settings["size"]["shortest_edge"], crop,
+                                                crop_rounding=settings["crop_rounding"], **common)
+        if resize == "longest_edge_then_pad":
+            return SamPreprocessor(settings["size"]["longest_edge"], settings["pad_size"]["height"], **common)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{where}: preprocessor settings {settings} lack or mistype {err}") from err
+    raise ValueError(f"{where}: unknown resize rule {resize!r} for preprocessor kind {kind!r} (expected one written "
+                     "by leo_jax.data.image_processing: resize, shortest_edge_then_center_crop, longest_edge_then_pad, "
+                     "max_patches_keep_aspect)")
 
 
 def get_preprocessor(kind: str, **options) -> Preprocessor | Pix2StructPreprocessor:

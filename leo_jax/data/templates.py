@@ -401,3 +401,13 @@ def _split_eos(s: str) -> list[str]:
         if part:
             out.append(part)
     return out
+
+
+def decode_answer(tokenizer: Tokenizer, tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
+    """The text of generated tokens up to the first stop id, special tokens dropped, stripped."""
+    out = []
+    for token in np.asarray(tokens).tolist():
+        if token in stop_ids:
+            break
+        out.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True).strip()

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from leo_jax.data import packing, pipeline, sources, templates, visual
+from leo_jax.data.templates import decode_answer
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch, stream_from_batch
 
 MIN_BUCKET = 64  # shortest padded prompt length; longer prompts pad to the next power of two (<= data.seq_len)
@@ -57,16 +58,6 @@ def with_placeholders(text: str, num_images: int) -> str:
     if templates.IMAGE_PLACEHOLDER in text:
         return text
     return (templates.IMAGE_PLACEHOLDER + "\n") * num_images + text
-
-
-def decode_answer(tokenizer, tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
-    """The text of generated tokens up to the first stop id, special tokens dropped, stripped."""
-    out = []
-    for token in np.asarray(tokens).tolist():
-        if token in stop_ids:
-            break
-        out.append(token)
-    return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
 def length_buckets(seq_len: int) -> tuple[int, ...]:

@@ -175,16 +175,20 @@ class InternLM2Attention(nn.Module):
         self.wqkv = nn.Linear(e, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.num_heads * self.head_dim, e, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """-> (output, (keys, values) of the cached and new positions); `past`: the cache of earlier positions."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
         qkv = self.wqkv(x).view(b, t, self.num_kv_heads, g + 2, self.head_dim)  # per KV head: g queries, k, v
         q = qkv[:, :, :, :g].reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = qkv[:, :, :, g].transpose(1, 2), qkv[:, :, :, g + 1].transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
+                                             attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
 class InternLM2MLP(nn.Module):
@@ -208,9 +212,10 @@ class InternLM2DecoderLayer(nn.Module):
         self.ffn_norm = InternLM2RMSNorm(cfg["hidden_size"], eps)
         self.feed_forward = InternLM2MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, cos, sin, mask, past=None):
+        attended, cache = self.attention(self.attention_norm(x), cos, sin, mask, past)
+        x = x + attended
+        return x + self.feed_forward(self.ffn_norm(x)), cache
 
 
 class InternLM2Model(nn.Module):
@@ -237,19 +242,35 @@ class InternLM2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_cached(input_ids, inputs_embeds, attention_mask, position_ids)[0]
+
+    def decode_step(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
+        """leo_jax.pytorch.generation's step: (last logits [B, vocab], cache)."""
+        logits, cache = self.forward_cached(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        return logits[:, -1], cache
+
+    def forward_cached(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                       past: list | None = None) -> tuple[torch.Tensor, list]:
+        """(logits [B, t, vocab], each layer's (keys, values) so far) for t new tokens after the cached `past`
+        (None: none); attention_mask [B, cached + t] covers the cached and the new keys."""
         x = self.model.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
+        t0 = 0 if past is None else past[0][0].shape[2]
         if position_ids is None:
-            position_ids = torch.arange(t, device=x.device).expand(b, t)
-        allowed = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+            position_ids = torch.arange(t0, t0 + t, device=x.device).expand(b, t)
+        allowed = torch.ones(t, t0 + t, dtype=torch.bool, device=x.device).tril(t0)[None, None]
         if attention_mask is not None:  # keys that are padding are hidden; a position always sees itself
             allowed = allowed & attention_mask.bool()[:, None, None, :]
-            allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)
+            itself = torch.arange(t, device=x.device)[:, None] + t0 == torch.arange(t0 + t, device=x.device)
+            allowed = allowed | itself
         cos, sin = self.model.rotary(position_ids, int(position_ids.max()) + 1)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, allowed)
-        return self.output(self.model.norm(x))
+        cache = []
+        for index, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, allowed, None if past is None else past[index])
+            cache.append(kv)
+        return self.output(self.model.norm(x)), cache
 
 
 def build_language_model(cfg: dict) -> nn.Module:
@@ -329,6 +350,32 @@ class LeoModel(nn.Module):
                 image_flags: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]."""
+        embeds = self.embed_inputs(pixel_values, pixel_values_sam, input_ids, image_flags)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 pixel_values_sam: torch.Tensor | None = None, image_flags: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, **_ignored) -> torch.Tensor:
+        """New tokens [B, max_new_tokens] for left-padded prompts (as `LeoProcessor` builds them), with a KV cache:
+        greedy at temperature 0, else temperature / top-p sampling; a row emits pad_token_id after a stop id."""
+        from leo_jax.pytorch.generation import decode, options, step_of
+
+        if pixel_values is None:
+            embeds = self.language_model.get_input_embeddings()(input_ids)
+        else:
+            embeds = self.embed_inputs(pixel_values, pixel_values_sam, input_ids, image_flags)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        opts = options(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
+        max_positions = int(self.config["llm_config"].get("max_position_embeddings", 2048))
+        return decode(step_of(self.language_model), embeds, mask, opts, max_positions, generator)
+
+    def embed_inputs(self, pixel_values: torch.Tensor, pixel_values_sam: torch.Tensor, input_ids: torch.Tensor,
+                     image_flags: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM input embeddings [B, T, D] with the tiles' visual tokens at the <IMG_CONTEXT> positions."""
         if self.img_context_token_id is None or self.img_context_token_id < 0:
             raise ValueError("img_context_token_id is not set: assign the tokenizer's <IMG_CONTEXT> id to "
                              "model.img_context_token_id")
@@ -344,5 +391,4 @@ class LeoModel(nn.Module):
                              f"{visual.shape[0]} visual tokens ({per_tile} per tile); the prompt needs that many per "
                              f"real tile (image_flags == 1)")
         embeds[selected] = visual.to(embeds.dtype)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
-        return out if isinstance(out, torch.Tensor) else out.logits
+        return embeds

@@ -263,6 +263,42 @@ class LeoMiniForCausalLM(nn.Module):
         inputs for M image slots per sample; attention_mask [B, T] (1 = real token); prompt_mask [B, T]
         (1 = prompt token, which conditions CoTR and the routers; default: every real token); image_mask [B, M]
         (default all images real; real ones first); patch_masks[expert] for Pix2Struct; labels as transformers'."""
+        inputs_embeds, attention_mask, routing = self.embed_inputs(input_ids, images, attention_mask, prompt_mask,
+                                                                   image_mask, patch_masks)
+        self._routing = routing
+        try:
+            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
+                                       labels=labels, **kwargs)
+        finally:
+            self._routing = None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, images: Mapping[str, torch.Tensor] | None = None,
+                 attention_mask: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                 image_mask: torch.Tensor | None = None, patch_masks: Mapping[str, torch.Tensor] | None = None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, **_ignored) -> torch.Tensor:
+        """New tokens [B, max_new_tokens] for left-padded prompts (as `LeoProcessor` builds them), with the LLM's
+        KV cache: greedy at temperature 0, else temperature / top-p sampling; a row emits pad_token_id after a stop
+        id. The MMoE routers keep each sample's prompt context (mean visual token and prompt embedding) throughout."""
+        from leo_jax.pytorch.generation import decode, options, step_of
+
+        inputs_embeds, mask, routing = self.embed_inputs(input_ids, images, attention_mask, prompt_mask, image_mask,
+                                                         patch_masks)
+        opts = options(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
+        self._routing = routing
+        try:
+            return decode(step_of(self.language_model), inputs_embeds, mask, opts,
+                          int(self.language_model.config.max_position_embeddings), generator)
+        finally:
+            self._routing = None
+
+    def embed_inputs(self, input_ids: torch.Tensor, images: Mapping[str, torch.Tensor] | None,
+                     attention_mask: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                     image_mask: torch.Tensor | None = None, patch_masks: Mapping[str, torch.Tensor] | None = None):
+        """(LLM input embeddings [B, T, D] with the visual tokens at the <IMG_CONTEXT> positions, attention mask
+        [B, T], routing context (mean visual token, mean prompt embedding) [B, 1, d] each), as `forward` takes."""
         b, t = input_ids.shape
         if not images:
             raise ValueError("LeoMiniForCausalLM: images is empty; pass each vision expert's inputs [B, M, ...]")
@@ -295,12 +331,7 @@ class LeoMiniForCausalLM(nn.Module):
         vmask = visual_mask.to(visual.dtype)[..., None]
         mean_visual = (visual * vmask).sum(1, keepdim=True) / vmask.sum(1, keepdim=True).clamp(min=1.0)
         mean_prompt = (embeds * weights).sum(1, keepdim=True) / count[:, None]
-        self._routing = (mean_visual, mean_prompt)
-        try:
-            return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
-                                       labels=labels, **kwargs)
-        finally:
-            self._routing = None
+        return inputs_embeds, attention_mask, (mean_visual, mean_prompt)
 
     def router_probs(self) -> list[torch.Tensor]:
         """Every layer's router probabilities [B, T, E] from the last forward."""

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from leo_jax.data import pipeline, synthetic, templates
+from leo_jax.data.templates import decode_answer
 from leo_jax.data.visual import VisualKind
-from leo_jax.infer.chat import decode_answer
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch
 from leo_jax.train.step import device_batch
 

@@ -1,0 +1,210 @@
+"""`LeoProcessor`: images + chats -> the inputs of `LeoModel` / `LeoMiniForCausalLM`, from an exported directory's
+files alone (tokenizer.json or tokenizer.model, tokenizer_config.json with the training template, preprocessor_config.json,
+config.json). It runs the training pipeline's own host code (leo_jax.data templates, tiling and image preprocessing,
+none of which imports JAX), so a prompt is token for token what the JAX engine feeds the model.
+
+    processor = LeoProcessor.from_pretrained(export_dir)
+    model = LeoMiniForCausalLM.from_pretrained(export_dir)
+    inputs = processor([[{"role": "user", "content": "<image>\\nWhat color is the square?"}]], [["img.png"]])
+    tokens = model.generate(**inputs, **processor.generation_kwargs(max_new_tokens=16))
+    processor.batch_decode(tokens)  -> ["red"]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from leo_jax.data import image_processing, templates, tiling
+from leo_jax.data.tokenizer import load_tokenizer
+
+_ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {what} (export the model with `python -m leo_jax.convert "
+                                f"export-hf`, which writes it)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_image(source: Any, origin: str = "") -> Image.Image:
+    """An RGB PIL image from a path, encoded bytes or a PIL image; ValueError naming the file when unreadable."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    name = source if isinstance(source, (str, Path)) else f"{len(source)} image bytes"
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+        return image.convert("RGB")
+    except FileNotFoundError as e:
+        raise ValueError(f"{origin}image {name}: file not found") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{origin}image {name} cannot be read as an image ({e})") from e
+
+
+def llava_turns(conversation: str | Sequence[dict]) -> list[dict]:
+    """A prompt string or chat messages ({'role': 'system'|'user'|'assistant', 'content'} or LLaVA's
+    {'from', 'value'}) -> LLaVA turns."""
+    if isinstance(conversation, str):
+        return [{"from": "human", "value": conversation}]
+    turns = []
+    for index, turn in enumerate(conversation):
+        role, text = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
+        if role not in _ROLES or not isinstance(text, str):
+            raise ValueError(f"message {index}: needs a role in {sorted(_ROLES)} and a text content, got {turn}")
+        turns.append({"from": _ROLES[role], "value": text})
+    return turns
+
+
+class LeoProcessor:
+    """Chats + images -> left-padded model inputs for the exported LEO ('leo') or LEO-MINI ('leo_mini')."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path
+        config = _read_json(path / "config.json", "the model config")
+        tokenizer_config = _read_json(path / "tokenizer_config.json", "the tokenizer settings and chat template")
+        pre_file = path / "preprocessor_config.json"
+        pre = _read_json(pre_file, "the image preprocessing")
+        self.kind = pre.get("model_kind")
+        if self.kind not in ("leo", "leo_mini"):
+            raise ValueError(f"{pre_file}: model_kind={self.kind!r}; LeoProcessor serves 'leo' and 'leo_mini' exports")
+        self.template = tokenizer_config.get("leo_jax_template")
+        if not self.template:
+            raise ValueError(f"{path / 'tokenizer_config.json'} lacks 'leo_jax_template' (the training conversation "
+                             "template): re-export the model with leo_jax")
+        try:
+            self.tokenizer = load_tokenizer(str(path))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"missing tokenizer: {e}") from e
+        self.stop_ids = tuple(templates.stop_token_ids(self.tokenizer, self.template))
+        self.pad_id = int(self.tokenizer.pad_id)
+        encoders = pre.get("encoders") or {}
+        self.preprocessors = {name: image_processing.from_settings(settings, f"{pre_file}: encoders.{name}")
+                              for name, settings in encoders.items()}
+        if self.kind == "leo":
+            self.tiling = pre["tiling"]
+        else:
+            self.num_queries = int(config["cotr"]["num_queries"])
+            self.expert_inputs = {}  # expert name -> its preprocessor_config.json input
+            for spec in config["vision_experts"]:
+                keys = [k for k in (f"pixels_{spec['name']}", f"patches_{spec['name']}") if k in encoders]
+                if not keys:
+                    raise ValueError(f"{pre_file}: no encoder entry for vision expert {spec['name']!r}")
+                self.expert_inputs[spec["name"]] = keys[0]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LeoProcessor":
+        return cls(path)
+
+    def generation_kwargs(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+        """`generate()` keyword arguments with this model's stop ids and pad id."""
+        return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    eos_token_id=list(self.stop_ids), pad_token_id=self.pad_id)
+
+    def batch_decode(self, tokens) -> list[str]:
+        """Each row's answer text up to its first stop id (special tokens dropped)."""
+        rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        return [templates.decode_answer(self.tokenizer, row, self.stop_ids) for row in rows]
+
+    def __call__(self, conversations: Sequence[str | Sequence[dict]], images: Sequence[Sequence[Any]] | None = None
+                 ) -> dict[str, Any]:
+        """One conversation per row, ending with a user turn (a generation prompt follows it), and its images in
+        `<image>` order (without placeholders, one per image is put first). -> input_ids, attention_mask,
+        prompt_mask [B, T] (left-padded) and the image inputs of the model kind."""
+        images = images if images is not None else [[] for _ in conversations]
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        rows, visual = [], []
+        for index, (conversation, sources) in enumerate(zip(conversations, images)):
+            origin = f"conversation {index}: "
+            loaded = [load_image(source, origin) for source in sources]
+            turns = templates.ensure_image_placeholders(llava_turns(conversation), len(loaded))
+            inputs, counts = self._leo_inputs(loaded) if self.kind == "leo" else self._leo_mini_inputs(loaded)
+            try:
+                rows.append(templates.encode_conversation(turns, self.tokenizer, self.template, counts,
+                                                          add_generation_prompt=True))
+            except ValueError as e:
+                raise ValueError(f"{origin}{e}") from e
+            visual.append(inputs)
+        length = max(len(row.input_ids) for row in rows)
+        ids = np.full((len(rows), length), self.pad_id, np.int64)
+        mask, prompt = np.zeros((len(rows), length), np.int64), np.zeros((len(rows), length), bool)
+        for r, row in enumerate(rows):
+            n = len(row.input_ids)
+            ids[r, length - n:], mask[r, length - n:], prompt[r, length - n:] = row.input_ids, 1, row.prompt_mask
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+               "prompt_mask": torch.from_numpy(prompt)}
+        return {**out, **(self._collate_leo(visual) if self.kind == "leo" else self._collate_leo_mini(visual))}
+
+    # --- LEO: tiles for both encoders, flattened over the batch ------------------------------------------------
+    def _leo_inputs(self, loaded: list[Image.Image]):
+        t, tiles_1, tiles_2, counts = self.tiling, [], [], []
+        intern, sam = self.preprocessors["pixel_values"], self.preprocessors["pixel_values_sam"]
+        for image in loaded:
+            budget = tiling.tiles_per_image_budget(len(loaded), t["max_tiles"])
+            tiles = tiling.tile_image(image, max_tiles=budget, tile=t["tile_size"], min_tiles=t["min_tiles"],
+                                      use_thumbnail=t["use_thumbnail"])
+            for tile in tiles:
+                tiles_1.append(intern.normalize(intern.host(tile)))
+                tiles_2.append(self._sam_input(sam, tile))
+            counts.append(t["tokens_per_tile"] * len(tiles))
+        return (tiles_1, tiles_2), counts
+
+    @staticmethod
+    def _sam_input(sam, tile: Image.Image) -> np.ndarray:
+        """SAM's input for a tile: normalised, the bottom/right padding exactly 0 (as transformers)."""
+        x = sam.normalize(sam.host(tile))
+        height, width = sam.resized_size(tile.height, tile.width)
+        x[height:], x[:, width:] = 0.0, 0.0
+        return x
+
+    @staticmethod
+    def _collate_leo(visual) -> dict:
+        first = [x for tiles, _ in visual for x in tiles]
+        if not first:
+            return {}
+        second = [x for _, tiles in visual for x in tiles]
+        nchw = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        return {"pixel_values": nchw(first), "pixel_values_sam": nchw(second),
+                "image_flags": torch.ones(len(first), dtype=torch.long)}
+
+    # --- LEO-MINI: each expert's input per image slot -------------------------------------------------------------
+    def _leo_mini_inputs(self, loaded: list[Image.Image]):
+        per_expert = {}
+        for name, key in self.expert_inputs.items():
+            pre = self.preprocessors[key]
+            outs = [pre.host(image) for image in loaded]
+            per_expert[name] = [(o["flattened_patches"], o["attention_mask"]) if isinstance(o, dict)
+                                else (pre.normalize(o).transpose(2, 0, 1), None) for o in outs]
+        return per_expert, [self.num_queries] * len(loaded)
+
+    def _collate_leo_mini(self, visual) -> dict:
+        slots = max(len(next(iter(v.values()))) for v in visual) if visual else 0
+        if slots == 0:
+            return {}
+        images, patch_masks = {}, {}
+        image_mask = torch.zeros(len(visual), slots, dtype=torch.bool)
+        for name in self.expert_inputs:
+            x, m = visual[0][name][0] if visual[0][name] else next(v[name][0] for v in visual if v[name])
+            pixels = np.zeros((len(visual), slots, *x.shape), np.float32)
+            masks = np.zeros((len(visual), slots, *m.shape), np.float32) if m is not None else None
+            for r, row in enumerate(visual):
+                for s, (xs, ms) in enumerate(row[name]):
+                    pixels[r, s], image_mask[r, s] = xs, True
+                    if masks is not None:
+                        masks[r, s] = ms
+            images[name] = torch.from_numpy(pixels)
+            if masks is not None:
+                patch_masks[name] = torch.from_numpy(masks)
+        return {"images": images, "patch_masks": patch_masks, "image_mask": image_mask}

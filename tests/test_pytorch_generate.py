@@ -1,0 +1,122 @@
+"""PyTorch generation from an exported directory: tiny LEO and LEO-MINI trained checkpoints exported with
+`export_trained`; `LeoProcessor` builds the JAX engine's prompt tokens from the exported files alone, and the PyTorch
+model's greedy `generate()` (KV cache, batch of 3 left-padded prompts of different lengths) gives the JAX engine's
+tokens; stop tokens end a row, seeded sampling repeats, bad input fails clearly, and the PyTorch side imports no JAX."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from leo_jax.config import load_config
+from leo_jax.convert.api import export_trained
+from leo_jax.data import synthetic
+from leo_jax.infer.chat import InferenceEngine, Request
+from leo_jax.pytorch import LeoMiniForCausalLM, LeoModel
+from leo_jax.pytorch.processing import LeoProcessor
+from leo_jax.train.checkpoint import load_trained
+from leo_jax.train.loop import Trainer
+
+NEW_TOKENS = 6
+QUESTIONS = ["What color is the square?", "What shape is the red object?",
+             "Is the red circle left or right of the blue square in this picture?"]
+TORCH_MODELS = {"leo": LeoModel, "leo_mini": LeoMiniForCausalLM}
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    synthetic.write_dataset(out, 8, seed=0, val_num=4, multi_turn_fraction=0.0, multi_image_fraction=0.0,
+                            text_only_fraction=0.0)
+    return out
+
+
+@pytest.fixture(scope="module", params=["leo", "leo_mini"])
+def exported(request, synthetic_dir, tmp_path_factory):
+    """(kind, training workdir, export dir, image paths): a tiny model's step-0 train state (LLM weights of std 0.5,
+    so greedy answers vary) saved as the trainer saves it, then exported."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    config = load_config(f"tiny_{kind}_train")
+    config.data.update(train_files=os.path.join(synthetic_dir, "data.json"),
+                       eval_files=os.path.join(synthetic_dir, "val.json"))
+    config.model.llm = {**config.model.llm, "initializer_range": 0.5}
+    workdir = str(root / "run")
+    trainer = Trainer(config, workdir)
+    trainer.setup()
+    trainer.checkpointer.save(0, trainer.state, trainer.iterator, trainer.config.to_dict(), force=True)
+    trainer.close()
+    export_trained(workdir, str(root / "export"))
+    images = [os.path.join(synthetic_dir, "images", "val", f"{i:06d}.png") for i in range(3)]
+    return kind, workdir, str(root / "export"), images
+
+
+def test_pytorch_generate_equals_the_jax_engine(exported):
+    kind, workdir, export_dir, images = exported
+    engine = InferenceEngine(*load_trained(workdir))
+    requests = [Request.single(q, [image]) for q, image in zip(QUESTIONS, images)]
+    expected = engine.generate_tokens(requests, engine.sampling(max_new_tokens=NEW_TOKENS))
+
+    processor = LeoProcessor.from_pretrained(export_dir)
+    inputs = processor([[{"role": "user", "content": q}] for q in QUESTIONS], [[image] for image in images])
+    batch, lengths = engine.prepare(requests)
+    mask = inputs["attention_mask"].numpy()
+    assert len(set(mask.sum(1).tolist())) == 3  # three prompt lengths: real left padding
+    for row in range(3):  # the processor's prompt is the engine's, token for token
+        np.testing.assert_array_equal(inputs["input_ids"][row].numpy()[mask[row] == 1],
+                                      np.asarray(batch["input_ids"])[row, :lengths[row]])
+    model = TORCH_MODELS[kind].from_pretrained(export_dir)
+    got = model.generate(**inputs, **processor.generation_kwargs(max_new_tokens=NEW_TOKENS)).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert len({tuple(row) for row in got.tolist()}) > 1  # the rows differ: the comparison is not trivial
+    assert processor.batch_decode(got) == engine.generate(requests, engine.sampling(max_new_tokens=NEW_TOKENS))
+
+
+def test_stop_tokens_and_seeded_sampling(exported):
+    kind, _, export_dir, images = exported
+    processor = LeoProcessor.from_pretrained(export_dir)
+    model = TORCH_MODELS[kind].from_pretrained(export_dir)
+    inputs = processor(QUESTIONS, [[image] for image in images])
+    greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, pad_token_id=-1)
+    stop = int(greedy[0, 1])  # row 0's second token as a stop id: row 0 stops there, pads after it
+    stopped = model.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_id=stop, pad_token_id=-1)
+    first = int(np.flatnonzero(greedy[0].numpy() == stop)[0])
+    assert stopped[0, :first + 1].tolist() == greedy[0, :first + 1].tolist()
+    assert (stopped[0, first + 1:] == -1).all()
+    sample = lambda seed: model.generate(**inputs, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9,  # noqa
+                                         generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(sample(3), sample(3))
+
+
+def test_bad_input_is_a_clear_error(exported, tmp_path):
+    kind, _, export_dir, images = exported
+    processor = LeoProcessor.from_pretrained(export_dir)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=f"conversation 0: image {bad} cannot be read"):
+        processor(["What is it?"], [[str(bad)]])
+    with pytest.raises(ValueError, match="conversation 0: image .*missing.png: file not found"):
+        processor(["What is it?"], [[str(tmp_path / "missing.png")]])
+    model = TORCH_MODELS[kind].from_pretrained(export_dir)
+    inputs = processor(["What is it?"], [[images[0]]])
+    with pytest.raises(ValueError, match="exceeds the context of .* positions .max_position_embeddings"):
+        model.generate(**inputs, max_new_tokens=1 << 20)
+    copy = tmp_path / "no_tokenizer"
+    copy.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(os.path.join(export_dir, name), copy / name)
+    with pytest.raises(FileNotFoundError, match="missing tokenizer: .*neither tokenizer.json nor tokenizer.model"):
+        LeoProcessor.from_pretrained(copy)
+
+
+def test_pytorch_side_imports_no_jax():
+    code = ("import sys, leo_jax.pytorch, leo_jax.pytorch.processing, leo_jax.pytorch.generation; "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
