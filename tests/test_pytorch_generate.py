@@ -83,12 +83,13 @@ def test_stop_tokens_and_seeded_sampling(exported):
     processor = LeoProcessor.from_pretrained(export_dir)
     model = TORCH_MODELS[kind].from_pretrained(export_dir)
     inputs = processor(QUESTIONS, [[image] for image in images])
-    greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, pad_token_id=-1)
+    pad = processor.pad_id
+    greedy = model.generate(**inputs, max_new_tokens=NEW_TOKENS, pad_token_id=pad)
     stop = int(greedy[0, 1])  # row 0's second token as a stop id: row 0 stops there, pads after it
-    stopped = model.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_id=stop, pad_token_id=-1)
+    stopped = model.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_id=stop, pad_token_id=pad)
     first = int(np.flatnonzero(greedy[0].numpy() == stop)[0])
     assert stopped[0, :first + 1].tolist() == greedy[0, :first + 1].tolist()
-    assert (stopped[0, first + 1:] == -1).all()
+    assert (stopped[0, first + 1:] == pad).all()
     sample = lambda seed: model.generate(**inputs, max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9,  # noqa
                                          generator=torch.Generator().manual_seed(seed))
     assert torch.equal(sample(3), sample(3))
