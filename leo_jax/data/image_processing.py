@@ -40,12 +40,15 @@ import abc
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from leo_jax.data.tiling import DEFAULT_JPEG_QUALITY_RANGE, jpeg_quality_augment, tile_image
+
+if TYPE_CHECKING:  # the device halves import JAX when called: the host halves serve JAX-free code too
+    import jax
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

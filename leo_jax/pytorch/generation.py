@@ -6,7 +6,7 @@ reaches it, and after a stop token a row emits `pad_token_id`."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

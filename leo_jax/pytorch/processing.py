@@ -1,7 +1,8 @@
 """`LeoProcessor`: images + chats -> the inputs of `LeoModel` / `LeoMiniForCausalLM`, from an exported directory's
-files alone (tokenizer.json or tokenizer.model, tokenizer_config.json with the training template, preprocessor_config.json,
-config.json). It runs the training pipeline's own host code (leo_jax.data templates, tiling and image preprocessing,
-none of which imports JAX), so a prompt is token for token what the JAX engine feeds the model.
+files alone (tokenizer.json or tokenizer.model, tokenizer_config.json with the training template,
+preprocessor_config.json, config.json). It runs the training pipeline's own host code (leo_jax.data templates,
+tiling and image preprocessing, none of which imports JAX), so a prompt is token for token what the JAX engine
+feeds the model.
 
     processor = LeoProcessor.from_pretrained(export_dir)
     model = LeoMiniForCausalLM.from_pretrained(export_dir)
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,7 +106,7 @@ class LeoProcessor:
                 self.expert_inputs[spec["name"]] = keys[0]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "LeoProcessor":
+    def from_pretrained(cls, path: str | Path) -> LeoProcessor:
         return cls(path)
 
     def generation_kwargs(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0) -> dict:
