@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from leo_jax.config import config_hash, dataclass_from_config, require
-from leo_jax.layers.attention import Attention, KVCache
+from leo_jax.layers.attention import Attention, KVCache, Segments, check_attention_impl
 from leo_jax.layers.common import Embed, Linear, RMSNorm, check_numerics, scan_layers, stack_layers, to_dtype
 from leo_jax.layers.mlp import SwiGLU
 from leo_jax.layers.rope import check_rope_scaling, inverse_frequencies, rope_tables
@@ -51,6 +51,10 @@ class LLMConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto (splash on TPU, cudnn on GPU, else xla;
+    # decoding with a KV cache always runs xla). splash_block: splash's q/kv block size (a multiple of 128).
+    attention_impl: str = "xla"
+    splash_block: int = 512
     mmoe: dict | None = None  # LEO-MINI's LoRA experts + routers (leo_jax.models.mmoe.MMoEConfig fields)
 
     __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
@@ -66,6 +70,7 @@ class LLMConfig:
                 f"{w}.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
         require(self.resolved_head_dim % 2 == 0, f"{w}.head_dim must be even for RoPE")
         check_numerics(self, w)
+        check_attention_impl(self.attention_impl, self.splash_block, w)
         check_rope_scaling(self.rope_scaling, f"{w}.rope_scaling")
         self.mmoe_config  # validates the MMoE section
 
@@ -118,7 +123,7 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                               qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, init_std=cfg.initializer_range,
-                              rngs=rngs, **kw)
+                              attention_impl=cfg.attention_impl, splash_block=cfg.splash_block, rngs=rngs, **kw)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, init_std=cfg.initializer_range, rngs=rngs, **kw)
         mmoe = cfg.mmoe_config
@@ -127,10 +132,12 @@ class DecoderLayer(nnx.Module):
                                     **{n: getattr(self.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}},
             rngs=rngs, **kw)
 
-    def __call__(self, x, *, mask, rope, cache=None, cache_index=None, routing=None, token_mask=None):
+    def __call__(self, x, *, segments, mask, rope, cache=None, cache_index=None, routing=None, token_mask=None):
+        """Causal attention within `segments` (training / prefill without a cache) or with the dense cache `mask`."""
         h = self.input_norm(x)
         lora, stats = (None, {}) if self.mmoe is None else self.mmoe.adapter(h, routing, token_mask)
-        h, cache = self.attn(h, mask=mask, rope=rope, cache=cache, cache_index=cache_index, lora=lora)
+        h, cache = self.attn(h, segments=segments, causal=mask is None, mask=mask, rope=rope, cache=cache,
+                             cache_index=cache_index, lora=lora)
         x = constrain(x + h, ("batch", "length", "act_embed"))
         x = x + self.mlp(self.post_attn_norm(x), lora=lora)
         return constrain(x, ("batch", "length", "act_embed")), cache, stats
@@ -213,7 +220,9 @@ class CausalLM(nnx.Module):
         else:
             k_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32), start, 1)
             k_index = jnp.arange(k_segments.shape[1], dtype=jnp.int32)
-        mask = attention_mask(segment_ids, k_segments, q_index, k_index)
+        # Without a cache the kernel masks by segments (causal within equal ids); with one, a dense [B, T, S] mask.
+        segments, mask = (Segments(segment_ids, segment_ids), None) if cache is None else \
+            (None, attention_mask(segment_ids, k_segments, q_index, k_index))
         total_len = t if cache is None else k_segments.shape[1]
         inv_freq = inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling,
                                        cfg.max_position_embeddings, seq_len=total_len)
@@ -223,8 +232,8 @@ class CausalLM(nnx.Module):
         token_mask = segment_ids != 0
 
         def body(layer, h, layer_cache):
-            h, new_cache, stats = layer(h, mask=mask, rope=rope, cache=layer_cache, cache_index=start,
-                                        routing=routing, token_mask=token_mask)
+            h, new_cache, stats = layer(h, segments=segments, mask=mask, rope=rope, cache=layer_cache,
+                                        cache_index=start, routing=routing, token_mask=token_mask)
             return h, (new_cache, stats)
 
         x, (new_layers, aux) = scan_layers(self.layers, body, x, None if cache is None else cache.layers,

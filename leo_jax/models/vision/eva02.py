@@ -24,7 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.attention import dot_product_attention
+from leo_jax.layers.attention import attend, check_attention_impl
 from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, stack_layers
 from leo_jax.models.vision.vit import TOKEN_AXES, PatchEmbed, drop_path, layers_to_run, run_blocks
 from leo_jax.sharding import constrain
@@ -53,6 +53,9 @@ class EVA02Config:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto; splash_block: splash's block size.
+    attention_impl: str = "xla"
+    splash_block: int = 512
 
     def __post_init__(self):
         w = "config.model"
@@ -68,6 +71,7 @@ class EVA02Config:
         require(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
         check_numerics(self, w)
+        check_attention_impl(self.attention_impl, self.splash_block, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "EVA02Config":
@@ -139,7 +143,7 @@ class EVA02Attention(nnx.Module):
         q = jnp.concatenate([q[:, :1], apply_rope_interleaved(q[:, 1:], sin, cos)], axis=1)
         k = jnp.concatenate([k[:, :1], apply_rope_interleaved(k[:, 1:], sin, cos)], axis=1)
         q = constrain(q, ("batch", "length", "act_heads", None))
-        out = checkpoint_name(dot_product_attention(q, k, v), "attn_out")
+        out = checkpoint_name(attend(q, k, v, impl=cfg.attention_impl, splash_block=cfg.splash_block), "attn_out")
         if self.inner_norm is not None:  # normalises over all heads together
             out = self.inner_norm(out.reshape(*out.shape[:2], cfg.hidden_size)).reshape(out.shape)
         return self.o_proj(out)

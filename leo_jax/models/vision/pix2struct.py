@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.attention import Attention, dot_product_attention
+from leo_jax.layers.attention import Attention, Segments, attend, check_attention_impl
 from leo_jax.layers.common import Linear, RMSNorm, check_numerics, normal_init, param, scan_layers, stack_layers
 from leo_jax.layers.mlp import activation
 from leo_jax.models.vision.vit import TOKEN_AXES, layers_to_run, slice_stack
@@ -43,6 +43,9 @@ class Pix2StructVisionConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto; splash_block: splash's block size.
+    attention_impl: str = "xla"
+    splash_block: int = 512
 
     def __post_init__(self):
         w = "config.model"
@@ -52,6 +55,7 @@ class Pix2StructVisionConfig:
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
         activation(self.hidden_act)
         check_numerics(self, w)
+        check_attention_impl(self.attention_impl, self.splash_block, w)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "Pix2StructVisionConfig":
@@ -85,19 +89,21 @@ class Pix2StructLayer(nnx.Module):
         self.wo = Linear(cfg.d_ff, cfg.hidden_size, in_axes=("mlp",), out_axes=("embed",), kernel_init=init,
                          rngs=rngs, **kw)
         self.act = activation(cfg.hidden_act)
+        self.attention_impl, self.splash_block = cfg.attention_impl, cfg.splash_block
 
-    def attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def attention(self, x: jax.Array, segments: Segments) -> jax.Array:
         """T5-style: no 1/sqrt(d_kv) scaling of the logits (it is folded into the trained weights)."""
         attn = self.attn
         q = checkpoint_name(attn.q_proj(x), "query_proj")
         k = checkpoint_name(attn.k_proj(x), "key_proj")
         v = checkpoint_name(attn.v_proj(x), "value_proj")
         q = constrain(q, ("batch", "length", "act_heads", None))
-        out = checkpoint_name(dot_product_attention(q, k, v, mask=mask, scale=1.0), "attn_out")
+        out = attend(q, k, v, impl=self.attention_impl, splash_block=self.splash_block, segments=segments, scale=1.0)
+        out = checkpoint_name(out, "attn_out")
         return attn.o_proj(out)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = constrain(x + self.attention(self.attn_norm(x), mask), TOKEN_AXES)
+    def __call__(self, x: jax.Array, segments: Segments) -> jax.Array:
+        x = constrain(x + self.attention(self.attn_norm(x), segments), TOKEN_AXES)
         h = self.mlp_norm(x)
         h = constrain(self.act(self.wi_0(h)) * self.wi_1(h), ("batch", "length", "act_mlp"))
         return constrain(x + checkpoint_name(self.wo(h), "mlp_out"), TOKEN_AXES)
@@ -141,10 +147,12 @@ class Pix2StructVisionEncoder(nnx.Module):
         elif attention_mask.shape != flattened_patches.shape[:2]:
             raise ValueError(f"attention_mask shape {attention_mask.shape} does not match the patches "
                              f"{flattened_patches.shape[:2]}")
-        mask = attention_mask.astype(bool)[:, None, :]  # [B, 1 (queries), P (keys)]
+        # Every patch (padding too) attends the real patches: query ids 1, key ids the mask (0 = padding).
+        keys = attention_mask.astype(jnp.int32)
+        segments = Segments(jnp.ones_like(keys), keys)
         num_run = layers_to_run(cfg.output_layer, cfg.num_layers, "output_layer")
         x = self.embed(flattened_patches)
         if num_run:
-            x, _ = scan_layers(slice_stack(self.layers, 0, num_run), lambda layer, h, _: (layer(h, mask), None), x,
+            x, _ = scan_layers(slice_stack(self.layers, 0, num_run), lambda layer, h, _: (layer(h, segments), None), x,
                                remat_policy=cfg.remat_policy)
         return self.final_norm(x) if cfg.output_layer == -1 else x

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.attention import dot_product_attention
+from leo_jax.layers.attention import attend, check_attention_impl, dot_product_attention, log_fallback
 from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
     to_dtype, zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
@@ -56,6 +56,10 @@ class SamVisionConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto; splash_block: splash's block size.
+    # The kernels take no additive bias, so with use_rel_pos (SAM's decomposed relative positions) SAM runs xla.
+    attention_impl: str = "xla"
+    splash_block: int = 512
 
     def __post_init__(self):
         w = "config.model"
@@ -75,6 +79,7 @@ class SamVisionConfig:
                 f"[0, {self.num_layers})")
         require(self.hidden_act in ACTIVATIONS, f"{w}.hidden_act={self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
         check_numerics(self, w)
+        check_attention_impl(self.attention_impl, self.splash_block, w)
 
     @property
     def grid(self) -> int:
@@ -156,6 +161,7 @@ class SamAttention(nnx.Module):
         hd = d // h
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.size = size
+        self.attention_impl, self.splash_block = cfg.attention_impl, cfg.splash_block
         self.query_chunk_rows = query_chunk_rows if 0 < query_chunk_rows < size else size
         self.q_proj, self.k_proj, self.v_proj = (
             Linear(d, (h, hd), in_axes=("embed",), out_axes=("heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
@@ -170,13 +176,18 @@ class SamAttention(nnx.Module):
     def _attend(self, q: jax.Array, rows: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Queries of grid rows `rows` (q [B, c, S, H, hd]) over all keys (k, v [B, S*S, H, hd])."""
         b, c, s = q.shape[:3]
-        bias = None
-        if self.rel_pos_h is not None:
-            rh = relative_table(self.rel_pos_h[...], rows, s).astype(q.dtype)
-            rw = relative_table(self.rel_pos_w[...], jnp.arange(s), s).astype(q.dtype)
-            rel_h = jnp.einsum("byxnc,ykc->bnyxk", q, rh, preferred_element_type=jnp.float32)
-            rel_w = jnp.einsum("byxnc,xkc->bnyxk", q, rw, preferred_element_type=jnp.float32)
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, -1, c * s, s * s)
+        if self.rel_pos_h is None:
+            out = attend(q.reshape(b, c * s, *q.shape[3:]), k, v, impl=self.attention_impl,
+                         splash_block=self.splash_block)
+            return out.reshape(q.shape)
+        if self.attention_impl != "xla":
+            log_fallback(f"SAM attention_impl={self.attention_impl}: the decomposed relative-position bias needs the "
+                         f"materialised logits, so SAM's attention runs on xla")
+        rh = relative_table(self.rel_pos_h[...], rows, s).astype(q.dtype)
+        rw = relative_table(self.rel_pos_w[...], jnp.arange(s), s).astype(q.dtype)
+        rel_h = jnp.einsum("byxnc,ykc->bnyxk", q, rh, preferred_element_type=jnp.float32)
+        rel_w = jnp.einsum("byxnc,xkc->bnyxk", q, rw, preferred_element_type=jnp.float32)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, -1, c * s, s * s)
         out = dot_product_attention(q.reshape(b, c * s, *q.shape[3:]), k, v, bias=bias)
         return out.reshape(q.shape)
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.attention import Attention
+from leo_jax.layers.attention import Attention, check_attention_impl
 from leo_jax.layers.common import LayerNorm, check_numerics, fan_in_init, param, scan_layers, stack_layers, to_dtype, \
     zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
@@ -44,6 +44,9 @@ class ViTConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto; splash_block: splash's block size.
+    attention_impl: str = "xla"
+    splash_block: int = 512
 
     def __post_init__(self):
         w = "config.model"
@@ -56,6 +59,7 @@ class ViTConfig:
         require(self.hidden_act in ACTIVATIONS,
                 f"{w}.hidden_act={self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
         check_numerics(self, w)
+        check_attention_impl(self.attention_impl, self.splash_block, w)
 
     @property
     def grid(self) -> int:
@@ -169,11 +173,12 @@ class ViTBlock(nnx.Module):
     None) and drop path are InternViT's; CLIP and SigLIP use neither."""
 
     def __init__(self, features: int, num_heads: int, mlp_hidden: int, *, act: str, eps: float, qkv_bias: bool,
-                 layer_scale_init: float | None = None, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 layer_scale_init: float | None = None, attention_impl: str = "xla", splash_block: int = 512,
+                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm1 = LayerNorm(features, eps=eps, rngs=rngs, **kw)
         self.attn = Attention(features, num_heads, num_heads, features // num_heads, qkv_bias=qkv_bias, out_bias=True,
-                              rngs=rngs, **kw)
+                              attention_impl=attention_impl, splash_block=splash_block, rngs=rngs, **kw)
         self.norm2 = LayerNorm(features, eps=eps, rngs=rngs, **kw)
         self.mlp = MLP(features, mlp_hidden, act=act, rngs=rngs, **kw)
         if layer_scale_init is None:
@@ -202,7 +207,8 @@ def block_stack(cfg: ViTConfig, rngs: nnx.Rngs, *, qkv_bias: bool = True,
     """`cfg.num_layers` stacked ViTBlocks (run with `run_blocks`)."""
     return stack_layers(lambda r: ViTBlock(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, act=cfg.hidden_act,
                                            eps=cfg.layer_norm_eps, qkv_bias=qkv_bias,
-                                           layer_scale_init=layer_scale_init, dtype=cfg.dtype,
+                                           layer_scale_init=layer_scale_init, attention_impl=cfg.attention_impl,
+                                           splash_block=cfg.splash_block, dtype=cfg.dtype,
                                            param_dtype=cfg.param_dtype, rngs=r),
                         cfg.num_layers, rngs)
 
