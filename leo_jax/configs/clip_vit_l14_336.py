@@ -12,6 +12,6 @@ ARCH = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=1
 
 def get_config(image_size: str = "336"):
     config = common.get_config()
-    config.model = common.model_section("clip_vision", CLIPVisionConfig, **ARCH)
+    config.model = common.model_section("clip_vision", CLIPVisionConfig, attention_impl="auto", **ARCH)
     config.model.image_size = int(image_size)
     return config

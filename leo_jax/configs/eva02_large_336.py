@@ -18,5 +18,5 @@ ARCH = dict(hidden_size=1024, intermediate_size=2730, num_layers=24, num_heads=1
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("eva02", EVA02Config, **ARCH)
+    config.model = common.model_section("eva02", EVA02Config, attention_impl="auto", **ARCH)
     return config

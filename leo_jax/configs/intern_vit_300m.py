@@ -14,5 +14,5 @@ ARCH = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=1
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("intern_vit", InternViTConfig, **ARCH)
+    config.model = common.model_section("intern_vit", InternViTConfig, attention_impl="auto", **ARCH)
     return config

@@ -10,5 +10,5 @@ ARCH = dict(family="internlm2", vocab_size=92544, hidden_size=4096, intermediate
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("llm", LLMConfig, **ARCH)
+    config.model = common.model_section("llm", LLMConfig, attention_impl="auto", **ARCH)
     return config

@@ -10,5 +10,5 @@ ARCH = dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_si
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("llm", LLMConfig, **ARCH)
+    config.model = common.model_section("llm", LLMConfig, attention_impl="auto", **ARCH)
     return config

@@ -16,5 +16,5 @@ ARCH = dict(hidden_size=1536, patch_embed_hidden_size=768, d_ff=3968, d_kv=64, n
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("pix2struct_vision", Pix2StructVisionConfig, **ARCH)
+    config.model = common.model_section("pix2struct_vision", Pix2StructVisionConfig, attention_impl="auto", **ARCH)
     return config

@@ -10,5 +10,5 @@ ARCH = dict(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_si
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("llm", LLMConfig, **ARCH)
+    config.model = common.model_section("llm", LLMConfig, attention_impl="auto", **ARCH)
     return config

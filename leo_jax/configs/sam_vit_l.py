@@ -13,5 +13,5 @@ ARCH = dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096, patch_s
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("sam_vision", SamVisionConfig, **ARCH)
+    config.model = common.model_section("sam_vision", SamVisionConfig, attention_impl="auto", **ARCH)
     return config

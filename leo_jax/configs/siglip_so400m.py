@@ -14,5 +14,5 @@ ARCH = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=1
 
 def get_config():
     config = common.get_config()
-    config.model = common.model_section("siglip_vision", SiglipVisionConfig, **ARCH)
+    config.model = common.model_section("siglip_vision", SiglipVisionConfig, attention_impl="auto", **ARCH)
     return config

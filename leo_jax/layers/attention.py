@@ -151,10 +151,9 @@ def _pad_len(x: jax.Array, length: int) -> jax.Array:
     return x if pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(t: int, s: int, heads: int, causal: bool, block: int, interpret: bool):
-    """The splash kernel for one example ([H, T, D] queries, [K, S, D] keys), built once per shape (mask
-    preprocessing runs on the host)."""
+    """The splash kernel for one example ([H, T, D] queries, [K, S, D] keys). Built at each trace (its block tables
+    become constants of that trace), as the mask preprocessing on the host is cheap next to compilation."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
