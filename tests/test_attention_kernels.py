@@ -167,7 +167,8 @@ def test_splash_aot_for_v5p_has_no_t_by_t_buffer():
     step = jax.jit(jax.grad(loss), in_shardings=(shardings, data_sharding(mesh, 2), data_sharding(mesh, 2)),
                    out_shardings=shardings)
     ids = jax.ShapeDtypeStruct((4, t), jnp.int32)
-    with jax.set_mesh(mesh):
+    # bf16 kernels: the tests' global 'highest' matmul precision would ask Mosaic for fp32 contraction on bf16.
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
         compiled = step.lower(state, ids, ids).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     text = compiled.as_text()

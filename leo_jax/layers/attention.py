@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -105,7 +104,8 @@ class SplashAttention:
     """Pallas splash attention. The length is padded to whole blocks inside (the pad gets segment id 0, which no
     real query attends); `block` (a multiple of 128) is used for every forward and backward block, capped at the
     padded length. Queries whose segment id is 0 (padding rows) attend the other padding keys instead of nothing:
-    their outputs differ from xla's and must be masked by the consumer (the loss does)."""
+    their outputs differ from xla's and must be masked by the consumer (the loss does). On TPU with bf16 inputs,
+    leave `jax_default_matmul_precision` at its default: Mosaic rejects fp32 contraction on bf16 operands."""
 
     block: int = 512
     name = "splash"
