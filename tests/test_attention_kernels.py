@@ -106,6 +106,18 @@ def test_encoder_splash_matches_xla(name):
     assert fwd < TOL and bwd < TOL
 
 
+def test_splash_row_of_only_padding_keys_stays_finite():
+    """An empty image slot (every key padding) leaves no key to attend; splash must not divide by zero."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)) for i in range(3))
+    mask = jnp.ones((2, 16), jnp.int32).at[1].set(0)
+    segments = Segments(jnp.ones_like(mask), mask)
+    out, grads = jax.value_and_grad(lambda *a: jnp.sum(attend(*a, impl="splash", segments=segments) ** 2),
+                                    argnums=(0, 1, 2))(q, k, v)
+    assert np.isfinite(out) and all(np.isfinite(g).all() for g in grads)
+    ref = attend(q, k, v, segments=segments)
+    np.testing.assert_allclose(attend(q, k, v, impl="splash", segments=segments)[0], ref[0], atol=1e-5)
+
+
 def test_auto_is_xla_on_cpu_and_cudnn_falls_back_with_a_log(caplog):
     assert isinstance(attention_kernel("auto"), XlaAttention)
     assert isinstance(attention_kernel("cudnn"), CudnnAttention)

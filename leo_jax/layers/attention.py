@@ -104,7 +104,8 @@ class SplashAttention:
     """Pallas splash attention. The length is padded to whole blocks inside (the pad gets segment id 0, which no
     real query attends); `block` (a multiple of 128) is used for every forward and backward block, capped at the
     padded length. Queries whose segment id is 0 (padding rows) attend the other padding keys instead of nothing:
-    their outputs differ from xla's and must be masked by the consumer (the loss does). On TPU with bf16 inputs,
+    their outputs differ from xla's and must be masked by the consumer (the loss does); so do the queries of a row
+    whose keys are all padding. On TPU with bf16 inputs,
     leave `jax_default_matmul_precision` at its default: Mosaic rejects fp32 contraction on bf16 operands."""
 
     block: int = 512
@@ -120,7 +121,11 @@ class SplashAttention:
         if segments is None and (tp, sp) != (t, s):
             segments = Segments(jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32))
         if segments is not None:
-            segments = Segments(_pad_len(segments.q.astype(jnp.int32), tp), _pad_len(segments.kv.astype(jnp.int32), sp))
+            seg_q, seg_kv = segments.q.astype(jnp.int32), segments.kv.astype(jnp.int32)
+            if not causal:  # a row with only padding keys (an empty image slot) would leave every query without a
+                # key, and the kernel's softmax would divide by zero: its queries attend the padding instead
+                seg_q = jnp.where(jnp.all(seg_kv == 0, axis=1, keepdims=True), 0, seg_q)
+            segments = Segments(_pad_len(seg_q, tp), _pad_len(seg_kv, sp))
         q = _pad_len(q * jnp.asarray(d ** -0.5 if scale is None else scale, q.dtype), tp)
         k, v = _pad_len(k, sp), _pad_len(v, sp)
         kernel = _splash_kernel(tp, sp, h, causal, step, target_platform() != "tpu")
