@@ -8,30 +8,27 @@ AdamW step on the same batch and device kind, in bf16 autocast when the JAX comp
 the first steps are excluded. Prints step time, tokens/s, MFU (model FLOPs of leo_jax.train.metrics over the
 device peak, when known) and peak device memory per implementation, then the JAX / PyTorch throughput ratio.
 
-    python benchmarks/bench_step.py --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
-    python benchmarks/bench_step.py --quick   # tiny CPU check (xla vs splash in interpret mode), seconds
+    python -m benchmarks.bench_step --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
+    python -m benchmarks.bench_step --quick   # tiny CPU check (xla vs splash in interpret mode)
 """
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from leo_jax.config import load_config  # noqa: E402
-from leo_jax.layers.attention import attention_kernel  # noqa: E402
-from leo_jax.models.llm.decoder import LLMConfig  # noqa: E402
-from leo_jax.models.registry import build_model  # noqa: E402
-from leo_jax.sharding import build_mesh  # noqa: E402
-from leo_jax.train.config import TrainConfig  # noqa: E402
-from leo_jax.train.metrics import peak_flops_per_device, train_flops_per_step  # noqa: E402
-from leo_jax.train.optimizer import TrainableFilter, count_params, make_optimizer  # noqa: E402
-from leo_jax.train.state import create_train_state  # noqa: E402
-from leo_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from leo_jax.config import load_config
+from leo_jax.layers.attention import attention_kernel
+from leo_jax.models.llm.decoder import LLMConfig
+from leo_jax.models.registry import build_model
+from leo_jax.sharding import build_mesh
+from leo_jax.train.config import TrainConfig
+from leo_jax.train.metrics import peak_flops_per_device, train_flops_per_step
+from leo_jax.train.optimizer import TrainableFilter, count_params, make_optimizer
+from leo_jax.train.state import create_train_state
+from leo_jax.train.step import jit_train_step, make_train_step
 
 QUICK = dict(config="tiny_llm", layers=1, batch=2, seq=128, steps=2, warmup=1, impls="xla,splash")
 

@@ -84,7 +84,7 @@ def _dense_mask(segments: Segments | None, causal: bool, t: int, s: int) -> jax.
     return mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def log_fallback(message: str) -> None:
     log.warning(message)
 
