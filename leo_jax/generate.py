@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     from leo_jax.infer.chat import InferenceEngine, InputError, Request
-    from leo_jax.train.checkpoint import load_trained
+    from leo_jax.checkpoints import load_trained
 
     try:
         model, config = load_trained(args.ckpt, dtype=args.dtype)

@@ -148,14 +148,17 @@ def logical_specs(state: nnx.State) -> nnx.State:
     )
 
 
-def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for every Variable of an (abstract) state on `mesh`, fitted to each shape."""
+def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings on `mesh` for a tree holding nnx Variables (sharded by their logical axes, fitted to each shape:
+    parameters and the optimizer moments that mirror them) and plain arrays (replicated: step, rng, counters)."""
 
-    def one(v):
-        spec = fit_spec_to_shape(logical_to_spec(variable_axes(v)), v.get_value().shape, mesh)
-        return NamedSharding(mesh, spec)
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return NamedSharding(mesh, fit_spec_to_shape(logical_to_spec(variable_axes(leaf)),
+                                                         leaf.get_value().shape, mesh))
+        return NamedSharding(mesh, P())
 
-    return jax.tree.map(one, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -166,7 +169,7 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def shard_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Places every Variable of `module` on `mesh` according to its logical axes (in place; returns module)."""
     state = nnx.state(module)
-    shardings = state_shardings(state, mesh)
+    shardings = tree_shardings(state, mesh)
     placed = jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
                           is_leaf=lambda v: isinstance(v, nnx.Variable))
     nnx.update(module, placed)

@@ -14,7 +14,8 @@ from leo_jax.convert import load_hf
 from leo_jax.convert.__main__ import main as convert_main
 from leo_jax.models.registry import build_model
 from leo_jax.sharding import build_mesh
-from leo_jax.train.checkpoint import Checkpointer, load_trained
+from leo_jax.checkpoints import load_trained
+from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.state import create_train_state
 
 

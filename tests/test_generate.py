@@ -247,7 +247,7 @@ def test_generate_cli_streams_batches_and_chats(trained_llm, capsys):
     """On a trained checkpoint: one prompt streams its answer, several print one answer each, --chat keeps the
     history (the second turn's answer equals the engine's answer to the whole conversation)."""
     from leo_jax import generate as cli
-    from leo_jax.train.checkpoint import load_trained
+    from leo_jax.checkpoints import load_trained
 
     workdir = trained_llm
     engine = InferenceEngine(*load_trained(workdir))

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 from flax import nnx
 
+from leo_jax.checkpoints import META_FILE, load_leo_params, load_trained, read_leo_meta, save_leo_checkpoint
 from leo_jax.config import dataclass_from_config
 from leo_jax.convert.core import (NUMPY_DTYPES, ConversionError, Family, HFCheckpoint, SafetensorsWriter, detect_family,
-                                  export_tensors, get_family, import_params, load_leo_params, read_leo_meta,
-                                  save_leo_checkpoint)
+                                  export_tensors, get_family, import_params)
 from leo_jax.layers.common import dtype_name
 
 
@@ -56,14 +56,14 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, family: str | None
     param_dtype = dtype_name(param_dtype, "param_dtype")
     cfg = fam.with_dtype(cfg, getattr(cfg, "dtype", None), param_dtype)  # whole models: None keeps each part's
     params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
-    return save_leo_checkpoint(out, fam, cfg, params, ckpt.config, ckpt.dtype())
+    return save_leo_checkpoint(out, fam.name, cfg, params, ckpt.config, ckpt.dtype())
 
 
 def load_leo(ckpt_dir: str | os.PathLike, dtype: Any = None) -> nnx.Module:
     """A module from a leo_jax checkpoint written by `import_hf`."""
     meta = read_leo_meta(ckpt_dir)
     fam = get_family(meta["family"])
-    cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{ckpt_dir}/leo_model.json:model")
+    cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{ckpt_dir}/{META_FILE}:model")
     if dtype is not None:
         cfg = fam.with_dtype(cfg, dtype_name(dtype), getattr(cfg, "param_dtype", None))
     return module_from_params(fam, cfg, load_leo_params(ckpt_dir))
@@ -92,7 +92,6 @@ def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: Any =
     import importlib
 
     from leo_jax.data import export_files, templates
-    from leo_jax.train.checkpoint import load_trained
 
     model, config = load_trained(str(ckpt))
     kind = config.model.kind
@@ -129,7 +128,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None,
     """leo_jax checkpoint -> HF directory; tensors in `dtype` (default: the dtype of the imported checkpoint)."""
     meta = read_leo_meta(src)
     fam = get_family(meta["family"])
-    cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{src}/leo_model.json:model")
+    cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{src}/{META_FILE}:model")
     params = load_leo_params(src)
     dtype = _name(dtype, "dtype") or meta.get("hf_dtype")
     return _write_hf(fam, cfg, params, out, dtype, meta.get("hf_config", {}), max_shard_bytes)

@@ -1,4 +1,4 @@
-"""Conversion engine: families, name-map rules, streaming safetensors I/O and leo_jax checkpoints.
+"""Conversion engine: families, name-map rules and streaming safetensors I/O.
 
 A family's conversion is data: a list of `Rule`s (HF tensor names <-> leo_jax parameter paths, with a transform
 each way) plus config mappers. The same rules drive import and export, one tensor (one layer) at a time, so an 8B
@@ -382,36 +382,3 @@ def export_tensors(family: Family, cfg: Any, params: dict[str, Any], dtype: Any 
             arrays = [np.asarray(params[p] if slot is None else params[p][slot]) for p in rule.jax]
             for name, a in zip(rule.hf_names(slot), rule.to_hf(arrays)):
                 yield name, np.ascontiguousarray(a if dtype is None else a.astype(dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# leo_jax checkpoints of converted models (Orbax params + a JSON description)
-
-META_FILE = "leo_model.json"
-
-
-def save_leo_checkpoint(out_dir: str | os.PathLike, family: Family, cfg: Any, params: dict[str, jax.Array],
-                        hf_config: dict, hf_dtype: str) -> Path:
-    import orbax.checkpoint as ocp
-
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConversionError(f"{out_dir} exists and is not empty; choose a new --out directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / "params", params)
-    meta = {"family": family.name, "model": dataclasses.asdict(cfg), "hf_config": hf_config, "hf_dtype": hf_dtype}
-    write_json(out_dir / META_FILE, meta)
-    return out_dir
-
-
-def read_leo_meta(ckpt_dir: str | os.PathLike) -> dict:
-    return read_json(Path(ckpt_dir) / META_FILE, "not a leo_jax model checkpoint (made by `convert import-hf`)")
-
-
-def load_leo_params(ckpt_dir: str | os.PathLike, abstract: dict[str, Any] | None = None) -> dict[str, jax.Array]:
-    """Restores {param path: array}; with `abstract` ({path: ShapeDtypeStruct with sharding}) onto those shardings."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(ckpt_dir).absolute() / "params", abstract)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     from leo_jax.infer.chat import InferenceEngine, InputError
-    from leo_jax.train.checkpoint import find_checkpoint, load_trained
+    from leo_jax.checkpoints import find_checkpoint, load_trained
 
     try:
         records = benchmark.read_benchmark(args.data, args.metric, args.limit)

@@ -6,7 +6,7 @@ mode, then the pipeline's batch layout): the same template, tiling and per-encod
 training. Prompts of a batch are left-padded and decoded with the KV cache (`leo_jax.infer.generate`): greedy or
 temperature / top-p sampling, stopping at the template's answer terminator or EOS.
 
-    engine = InferenceEngine(model, config)          # e.g. from leo_jax.train.checkpoint.load_trained(workdir)
+    engine = InferenceEngine(model, config)          # e.g. from leo_jax.checkpoints.load_trained(workdir)
     engine.generate([Request.single("What color is the square?", ["img.png"])])   -> ["red"]
     chat = Chat(engine); chat.ask("What shape is the red object?", ["img.png"]); chat.ask("And how many are there?")
 """

@@ -19,33 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from leo_jax.checkpoints import META_FILE, load_leo_params, load_training_params
 from leo_jax.convert.api import abstract_model
-from leo_jax.convert.core import META_FILE, HFCheckpoint, detect_family, import_params, load_leo_params
+from leo_jax.convert.core import HFCheckpoint, detect_family, import_params
 from leo_jax.train.optimizer import param_path
 from leo_jax.train.state import TrainState
 
 logger = logging.getLogger("leo_jax.train")
 
 ADAPTER_MARK = "/mmoe/"  # parameters added on top of a pretrained LLM
-
-
-def load_training_params(step_dir: Path, prefix: str) -> dict[str, np.ndarray]:
-    """{path inside `prefix`: array} of the parameters (trainable and frozen) in a trainer checkpoint step."""
-    import orbax.checkpoint as ocp
-
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
-        args = {group: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[group])
-                for group in ("trainable", "frozen")}
-        restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-            item={group: tree[group] for group in args}, restore_args=args, partial_restore=True))
-    out = {}
-    for group in ("trainable", "frozen"):
-        for keys, array in jax.tree_util.tree_flatten_with_path(restored[group])[0]:
-            name = "/".join(str(k.key) for k in keys)
-            if not prefix or name.startswith(prefix + "/"):
-                out[name[len(prefix) + 1:] if prefix else name] = array
-    return out
 
 
 def load_component(ckpt_dir: str, prefix: str = "") -> dict[str, jax.Array]:

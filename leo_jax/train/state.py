@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from leo_jax.sharding import fit_spec_to_shape, logical_to_spec, variable_axes
+from leo_jax.sharding import tree_shardings
 
 
 @flax.struct.dataclass
@@ -27,19 +27,6 @@ class TrainState:
 
     def model(self, graphdef: nnx.GraphDef) -> nnx.Module:
         return nnx.merge(graphdef, self.trainable, self.frozen)
-
-
-def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a tree holding nnx Variables (sharded by their logical axes, e.g. parameters and the
-    optimizer moments that mirror them) and plain arrays (replicated: step, rng, counters)."""
-
-    def one(leaf):
-        if isinstance(leaf, nnx.Variable):
-            spec = fit_spec_to_shape(logical_to_spec(variable_axes(leaf)), leaf.get_value().shape, mesh)
-            return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def split_model(model: nnx.Module, trainable_filter) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
