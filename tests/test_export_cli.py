@@ -72,7 +72,7 @@ def test_export_ships_tokenizer_chat_template_and_preprocessing(tmp_path, preset
     from transformers import AutoTokenizer
 
     from leo_jax.convert.leo import upstream_problems
-    from leo_jax.data import templates
+    from leo_jax.data import templates, visual
     from leo_jax.models.registry import model_config
 
     config = load_config(preset)
@@ -98,7 +98,7 @@ def test_export_ships_tokenizer_chat_template_and_preprocessing(tmp_path, preset
     context_id = hf["img_context_token_id"] if preset == "tiny_leo" else hf["image_context_id"]
     assert context_id == hf_tok.convert_tokens_to_ids("<IMG_CONTEXT>") == ours.token_to_id("<IMG_CONTEXT>") >= 0
     pre = json.loads((out / "preprocessor_config.json").read_text())
-    expected = {name: p.settings() for name, p in model_config(config.model).input_preprocessors().items()}
+    expected = {name: p.settings() for name, p in visual.input_preprocessors(model_config(config.model)).items()}
     assert pre["encoders"] == json.loads(json.dumps(expected)) and len(expected) >= 2
     if preset == "tiny_leo":
         assert upstream_problems(hf) == []

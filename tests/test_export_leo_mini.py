@@ -19,7 +19,8 @@ from leo_jax.convert import api
 from leo_jax.convert.core import ConversionError, get_family
 from leo_jax.convert.leo_mini import export_components
 from leo_jax.data import pipeline, synthetic, visual
-from leo_jax.models.leo_mini import PATCH_INPUT_KINDS
+from leo_jax.data.image_processing import get_preprocessor
+from leo_jax.models.leo_mini import PATCH_INPUT_KINDS, expert_pixels
 from leo_jax.models.registry import model_config
 from leo_jax.pytorch.leo_mini import LeoMiniForCausalLM, eva_from_config
 
@@ -61,7 +62,7 @@ def torch_inputs(model, batch):
         if spec.kind in PATCH_INPUT_KINDS:
             images[spec.name], patch_masks[spec.name] = t(x), t(batch[f"patch_mask_{spec.name}"])
         else:
-            images[spec.name] = t(spec.preprocessor().device(x)).permute(0, 1, 4, 2, 3)
+            images[spec.name] = t(expert_pixels(spec, x)).permute(0, 1, 4, 2, 3)
     return dict(input_ids=t(batch["input_ids"]).long(), images=images, patch_masks=patch_masks,
                 attention_mask=t(batch["segment_ids"] > 0), prompt_mask=t(batch["prompt_mask"]),
                 image_mask=t(batch["image_mask"]))
@@ -298,7 +299,7 @@ def hand_built_batch(model, num_images, seq_len, seed=0):
     batch = dict(input_ids=ids, prompt_mask=prompt, segment_ids=segments, image_mask=image_mask,
                  positions=np.where(segments > 0, np.arange(seq_len)[None], 0).astype(np.int32))
     for spec in model.specs:
-        pre = spec.preprocessor()
+        pre = get_preprocessor(**spec.processor)
         pictures = [rng.randint(0, 256, (40, 56, 3), np.uint8) for _ in range(2 * num_images)]
         if spec.kind in PATCH_INPUT_KINDS:
             host = [pre.host(p) for p in pictures]

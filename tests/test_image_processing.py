@@ -18,9 +18,8 @@ from leo_jax.data.image_processing import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     get_preprocessor,
-    pil_resample_taps,
-    resize_like_pil,
 )
+from leo_jax.layers.pixels import pil_resample_taps, resize_like_pil
 
 # Host geometry is bit-exact; the device half differs from numpy's (x * 1/255 - mean) / std only by float32
 # rounding of the fused multiply-add. One uint8 step is 1/255/std >= 0.0145 after normalisation: we demand 1e-5.

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 from leo_jax import viz  # noqa: E402
 from leo_jax.config import load_config  # noqa: E402
 from leo_jax.data import pipeline, synthetic, visual  # noqa: E402
-from leo_jax.models.leo_mini import expert_tokens  # noqa: E402
+from leo_jax.models.leo_mini import expert_pixels, expert_tokens  # noqa: E402
 from leo_jax.models.registry import build_model  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def test_leo_mini_cotr_attention_makes_its_visual_tokens(tmp_path):
     reduced = []
     for spec in model.specs:
         pixels = batch[spec.batch_key][:, 0]
-        tokens, _ = expert_tokens(spec, model.experts[spec.name], spec.preprocessor().device(pixels))
+        tokens, _ = expert_tokens(spec, model.experts[spec.name], expert_pixels(spec, pixels))
         reduced.append(jnp.einsum("bqn,bnd->bqd", weights[spec.name][:, 0], tokens))
     recomputed = np.asarray(model.projector(jnp.concatenate(reduced, axis=-1)))
     embeds, _ = model.embed_inputs(batch)

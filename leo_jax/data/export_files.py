@@ -30,7 +30,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, template_name: str, seq_len: int
 def preprocessor_config(model_cfg, data_config, model_kind: str) -> dict:
     """{'model_kind', 'encoders': {model input name: preprocessor settings}, LEO: 'tiling' (its data-side kind)}."""
     config: dict = {"model_kind": model_kind, "encoders": {name: pre.settings() for name, pre in
-                                                           model_cfg.input_preprocessors().items()}}
+                                                           visual.input_preprocessors(model_cfg).items()}}
     kind = visual.for_model(model_cfg, data_config)
     if isinstance(kind, visual.LeoTiles):
         config["tiling"] = {"tile_size": kind.tile_size, "min_tiles": kind.min_tiles, "max_tiles": kind.max_tiles,

@@ -46,16 +46,23 @@ import numpy as np
 from PIL import Image
 
 from leo_jax.data.tiling import DEFAULT_JPEG_QUALITY_RANGE, jpeg_quality_augment, tile_image
+from leo_jax.layers.pixels import (
+    HALF_MEAN,
+    HALF_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    check_mean_std,
+    longest_edge_padded,
+    longest_edge_size,
+    normalize,
+    normalize_factors,
+    zero_outside,
+)
 
 if TYPE_CHECKING:  # the device halves import JAX when called: the host halves serve JAX-free code too
     import jax
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
 
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR
@@ -103,12 +110,6 @@ def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
-def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """(h, w) after scaling the long side to ``longest_edge`` (SAM rule: both sides rounded half up)."""
-    scale = longest_edge * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
 def center_crop(image: Image.Image, height: int, width: int, rounding: str = "floor") -> Image.Image:
     """Centre crop to (height, width); zero-fills when the crop is larger than the image.
 
@@ -130,87 +131,6 @@ def center_crop(image: Image.Image, height: int, width: int, rounding: str = "fl
     return image.crop((left, top, left + width, top + height))
 
 
-_PIL_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 - 2 fractional bits for 8-bit resampling
-
-
-def _bilinear_kernel(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
-
-
-def _bicubic_kernel(x: np.ndarray) -> np.ndarray:
-    a = -0.5
-    x = np.abs(x)
-    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
-                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-
-
-_PIL_KERNELS = {BILINEAR: (_bilinear_kernel, 1.0), BICUBIC: (_bicubic_kernel, 2.0)}
-
-
-@functools.lru_cache(maxsize=256)
-def pil_resample_taps(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and fixed-point weights [out_size, taps] (int32) of Pillow's 8-bit resampling on one axis.
-
-    Mirrors ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` in Pillow's Resample.c (double-precision filter
-    weights normalised per output pixel, then rounded to 22 fractional bits), so that
-    ``clip((sum(pixel * weight) + 2**21) >> 22, 0, 255)`` reproduces ``Image.resize`` bit for bit.
-    """
-    resample = Image.Resampling(resample)
-    if resample not in _PIL_KERNELS:
-        raise ValueError(f"device resampling supports bilinear and bicubic, got {resample.name}")
-    kernel, kernel_support = _PIL_KERNELS[resample]
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support = kernel_support * filter_scale
-    taps = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
-    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)
-    xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size)
-    offsets = np.arange(taps)
-    used = offsets[None, :] < (xmax - xmin)[:, None]
-    source = xmin[:, None] + offsets[None, :]
-    weights = np.where(used, kernel((source - center[:, None] + 0.5) / filter_scale), 0.0)
-    total = weights.sum(axis=1, keepdims=True)
-    weights = np.where(total != 0, weights / np.where(total == 0, 1.0, total), weights)
-    scaled = weights * (1 << _PIL_PRECISION_BITS)
-    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
-    return np.where(used, source, xmin[:, None]).astype(np.int32), fixed
-
-
-def resize_like_pil(pixels: jax.Array, size: tuple[int, int], resample: str | int = "bilinear") -> jax.Array:
-    """Enlarge uint8 [..., H, W, C] to ``size`` = (h, w) on device, bit-identical to PIL ``Image.resize``.
-
-    Separable, width pass first with a uint8 intermediate, in int32 fixed point like Pillow; jit-friendly (the taps
-    are static constants). Lets LEO ship 448 px tiles and build SAM's 1024 px input on the accelerator.
-    Only enlarging (or keeping) each axis is supported: when an axis shrinks, Pillow 13 chooses the pass order
-    with its own heuristic, which we do not reproduce.
-    """
-    import jax.numpy as jnp
-
-    resample = _resample_filter(resample)
-    if pixels.dtype != jnp.uint8:
-        raise TypeError(f"resize_like_pil expects uint8 pixels, got {pixels.dtype}")
-    height, width = size
-    in_height, in_width = pixels.shape[-3], pixels.shape[-2]
-    if height < in_height or width < in_width:
-        raise ValueError(f"resize_like_pil only enlarges: {in_height}x{in_width} -> {height}x{width}; "
-                         "shrink on the host with PIL instead")
-
-    def one_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-        if x.shape[axis] == out_size:
-            return x
-        index, weight = pil_resample_taps(x.shape[axis], out_size, int(resample))
-        shape = [1] * x.ndim
-        shape[axis] = out_size
-        acc = jnp.full(x.shape[:axis] + (out_size,) + x.shape[axis + 1:], 1 << (_PIL_PRECISION_BITS - 1), jnp.int32)
-        for tap in range(index.shape[1]):
-            acc = acc + jnp.take(x, index[:, tap], axis=axis).astype(jnp.int32) * weight[:, tap].reshape(shape)
-        return jnp.clip(acc >> _PIL_PRECISION_BITS, 0, 255).astype(jnp.uint8)
-
-    return one_axis(one_axis(pixels, pixels.ndim - 2, width), pixels.ndim - 3, height)
-
-
 class Preprocessor(abc.ABC):
     """uint8 host geometry + on-device rescale/normalise for one encoder kind.
 
@@ -222,17 +142,12 @@ class Preprocessor(abc.ABC):
 
     def __init__(self, output_size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
                  rescale_factor: float = 1 / 255):
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"{self.kind}: mean and std need 3 values (RGB), got mean={mean}, std={std}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"{self.kind}: std values must be positive, got {std}")
+        check_mean_std(mean, std, self.kind)
         self.output_size = (int(output_size[0]), int(output_size[1]))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.rescale_factor = float(rescale_factor)
-        # (x * rescale - mean) / std folded into one multiply-add on device.
-        self._scale = np.asarray([self.rescale_factor / s for s in self.std], np.float32)
-        self._offset = np.asarray([-m / s for m, s in zip(self.mean, self.std)], np.float32)
+        self._scale, self._offset = normalize_factors(self.mean, self.std, self.rescale_factor)
 
     @abc.abstractmethod
     def _geometry(self, image: Image.Image) -> Image.Image:
@@ -258,12 +173,9 @@ class Preprocessor(abc.ABC):
 
     def device(self, pixels: jax.Array, dtype: Any = "float32") -> jax.Array:
         """Rescale and normalise uint8 pixels [..., H, W, 3] (NHWC) on device, as transformers does on host."""
-        import jax.numpy as jnp
-
         if pixels.shape[-1] != 3:
             raise ValueError(f"{self.kind}: expected channels-last RGB pixels [..., H, W, 3], got {pixels.shape}")
-        x = pixels.astype(jnp.float32) * self._scale + self._offset
-        return x.astype(dtype)
+        return normalize(pixels, self.mean, self.std, self.rescale_factor, dtype)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """``device`` in numpy, for consumers without JAX (the PyTorch processor): float32 [..., H, W, 3]."""
@@ -363,29 +275,13 @@ class SamPreprocessor(Preprocessor):
         import jax.numpy as jnp
 
         x = super().device(pixels, jnp.float32)
-        if valid_hw is not None:
-            valid_hw = jnp.asarray(valid_hw)
-            rows = jnp.arange(x.shape[-3])[:, None]
-            cols = jnp.arange(x.shape[-2])[None, :]
-            inside = (rows < valid_hw[..., 0, None, None]) & (cols < valid_hw[..., 1, None, None])
-            x = jnp.where(inside[..., None], x, 0.0)
-        return x.astype(dtype)
+        return (x if valid_hw is None else zero_outside(x, valid_hw)).astype(dtype)
 
     def device_from_small(self, pixels: jax.Array, dtype: Any = "float32") -> jax.Array:
-        """SAM input built on device from uint8 images no larger than ``longest_edge`` (LEO: the 448 px tiles).
-
-        PIL-exact enlargement (``resize_like_pil``), zero padding and normalisation: equals
-        ``device(host(image))`` while moving ~5x fewer bytes host->device for 448 -> 1024 tiles.
-        """
-        import jax.numpy as jnp
-
-        height, width = self.resized_size(pixels.shape[-3], pixels.shape[-2])
-        x = resize_like_pil(pixels, (height, width), self.resample)
-        pad_h, pad_w = self.output_size
-        if (height, width) == (pad_h, pad_w):
-            return self.device(x, dtype)
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, pad_h - height), (0, pad_w - width), (0, 0)])
-        return self.device(x, dtype, valid_hw=jnp.asarray([height, width]))
+        """SAM input built on device from uint8 images no larger than ``longest_edge`` (LEO: the 448 px tiles):
+        equals ``device(host(image))`` while moving ~5x fewer bytes host->device for 448 -> 1024 tiles."""
+        return longest_edge_padded(pixels, self.longest_edge, self.output_size[0], self.mean, self.std,
+                                   self.resample, self.rescale_factor, dtype)
 
 
 @functools.lru_cache(maxsize=256)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from leo_jax.data import image_processing, tiling
 from leo_jax.models.leo import LeoConfig
-from leo_jax.models.leo_mini import LeoMiniConfig
+from leo_jax.models.leo_mini import PATCH_INPUT_KINDS, LeoMiniConfig
 from leo_jax.models.llm.decoder import LLMConfig
 from leo_jax.models.registry import model_config
 
@@ -45,6 +45,11 @@ class TextOnly:
         return cls()
 
     def preprocessors(self) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def input_preprocessors(cfg: LLMConfig) -> dict[str, Any]:
+        del cfg
         return {}
 
     def setup(self, preprocessors: Mapping[str, Any]) -> VisualSetup:
@@ -105,6 +110,17 @@ class LeoTiles:
                    slots=int(leo.max_tiles_per_row), min_tiles=int(leo.min_tiles), max_tiles=int(leo.max_tiles),
                    use_thumbnail=bool(leo.use_thumbnail), jpeg_augment=bool(leo.jpeg_augment),
                    jpeg_quality_range=tuple(leo.jpeg_quality_range))
+
+    @staticmethod
+    def input_preprocessors(cfg: LeoConfig) -> dict[str, Any]:
+        """Input name (the official LEO forward's) -> the full preprocessing of that input, the model's device
+        normalisation included: InternViT at the tile size, SAM at its own image size (longest side, padded square),
+        each with its encoder config's mean/std."""
+        intern, sam = cfg.intern_vit_config, cfg.sam_config
+        return {"pixel_values": image_processing.get_preprocessor("intern_vit", size=intern.image_size,
+                                                                  mean=intern.pixel_mean, std=intern.pixel_std),
+                "pixel_values_sam": image_processing.get_preprocessor("sam", longest_edge=sam.image_size,
+                                                                      mean=sam.pixel_mean, std=sam.pixel_std)}
 
     def preprocessors(self) -> dict[str, Any]:
         """Batch key -> host preprocessor: InternViT tiles and SAM tiles."""
@@ -176,6 +192,19 @@ class LeoMiniExperts:
         return cls(experts=experts, tokens_per_image=tokens_per_image,
                    slots=int(data_config.leo_mini.max_images_per_row))
 
+    @staticmethod
+    def input_preprocessors(cfg: LeoMiniConfig) -> dict[str, Any]:
+        """Batch key of each expert's input -> the full preprocessing of that input: the expert's host processor
+        with its encoder config's mean/std (Pix2Struct standardises each image on the host)."""
+        out = {}
+        for spec in cfg.expert_configs:
+            options = dict(spec.processor)
+            if spec.kind not in PATCH_INPUT_KINDS:
+                encoder = spec.encoder_config()
+                options.update(mean=encoder.pixel_mean, std=encoder.pixel_std)
+            out[spec.batch_key] = image_processing.get_preprocessor(options.pop("kind"), **options)
+        return out
+
     def preprocessors(self) -> dict[str, Any]:
         """Expert name -> host preprocessor, in model order."""
         out = {}
@@ -228,6 +257,16 @@ def for_model(model_cfg, data_config) -> VisualKind:
         raise ValueError(f"config.model ({type(model_cfg).__name__}) has no data pipeline: train, evaluate or chat "
                          f"with one of {sorted(k.__name__ for k in KINDS)}")
     return kind.from_model(model_cfg, data_config)
+
+
+def input_preprocessors(model_cfg) -> dict[str, Any]:
+    """Model input name -> the full preprocessing (host geometry and the model's normalisation) of a validated model
+    config: what an exported model's preprocessor_config.json records."""
+    kind = KINDS.get(type(model_cfg))
+    if kind is None:
+        raise ValueError(f"config.model ({type(model_cfg).__name__}) has no data-side kind; use one of "
+                         f"{sorted(k.__name__ for k in KINDS)}")
+    return kind.input_preprocessors(model_cfg)
 
 
 def for_config(config) -> VisualKind:

@@ -1,4 +1,4 @@
-"""LEO (SPEC 2.1): InternViT and SAM on every tile, each with its own projector, tokens interleaved per tile
+"""LEO (arXiv 2501.06986, as in its official code): InternViT and SAM on every tile, each with its own projector, tokens interleaved per tile
 (InternViT at even positions), tiles in crop order with the thumbnail last, written into the LLM's embeddings at
 the <IMG_CONTEXT> positions.
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from leo_jax.config import config_hash, dataclass_from_config, require
-from leo_jax.data.image_processing import get_preprocessor
+from leo_jax.layers.pixels import longest_edge_padded, normalize
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
 from leo_jax.models.projector import MLPProjector, ProjectorConfig, pixel_unshuffle_internvl, pixel_unshuffle_torch
 from leo_jax.models.vision.intern_vit import InternViT, InternViTConfig
@@ -73,12 +73,6 @@ class LeoConfig:
     def sam_features(self) -> int:
         return self.sam_config.output_channels * self.sam_unshuffle ** 2
 
-    def input_preprocessors(self) -> dict:
-        """Input name (the official LEO forward's) -> the image preprocessor of that input: InternViT at the tile size,
-        SAM at its own image size (longest side, padded square)."""
-        return {"pixel_values": get_preprocessor("intern_vit", size=self.intern_vit_config.image_size),
-                "pixel_values_sam": get_preprocessor("sam", longest_edge=self.sam_config.image_size)}
-
     def tokens_per_tile(self) -> int:
         return 2 * (self.sam_config.grid // self.sam_unshuffle) ** 2
 
@@ -114,15 +108,14 @@ class Leo(nnx.Module):
         SAM inputs smaller than SAM's image size (e.g. the 448 px tiles themselves) are enlarged on device exactly
         like the host path (PIL bilinear), which moves ~5x fewer bytes than shipping 1024 px tiles."""
         cfg = self.cfg
-        intern_pre = get_preprocessor("intern_vit", size=tiles.shape[-2])
-        x = self.intern_vit(intern_pre.device(tiles), rng=rng)[:, 1:]  # drop CLS
+        intern, sam = cfg.intern_vit_config, cfg.sam_config
+        x = self.intern_vit(normalize(tiles, intern.pixel_mean, intern.pixel_std), rng=rng)[:, 1:]  # drop CLS
         g = int(round(x.shape[1] ** 0.5))
         x = pixel_unshuffle_internvl(x.reshape(x.shape[0], g, g, -1), cfg.intern_unshuffle)
         intern_tokens = self.projector_intern(x.reshape(x.shape[0], -1, x.shape[-1]))
 
-        sam_pre = get_preprocessor("sam", longest_edge=cfg.sam_config.image_size)
-        sam_in = sam_pre.device(sam_tiles) if sam_tiles.shape[-2] == cfg.sam_config.image_size \
-            else sam_pre.device_from_small(sam_tiles)
+        sam_in = normalize(sam_tiles, sam.pixel_mean, sam.pixel_std) if sam_tiles.shape[-2] == sam.image_size \
+            else longest_edge_padded(sam_tiles, sam.image_size, sam.image_size, sam.pixel_mean, sam.pixel_std)
         y = pixel_unshuffle_torch(self.sam(sam_in), cfg.sam_unshuffle)
         sam_tokens = self.projector_sam(y.reshape(y.shape[0], -1, y.shape[-1]))
         # token-by-token alternation: out[0::2] = InternViT, out[1::2] = SAM

@@ -1,8 +1,9 @@
-"""LEO-MINI (SPEC 2.2): any list of vision experts -> CoTR (64 tokens per image, conditioned on the prompt) ->
+"""LEO-MINI (arXiv 2504.04653): any list of vision experts -> CoTR (64 tokens per image, conditioned on the prompt) ->
 projector -> an LLM whose layers carry MMoE LoRA experts routed by the text and the image.
 
-The expert list is configuration: each entry names an encoder kind (leo_jax.models.registry), its config, and its
-image preprocessor (leo_jax.data.image_processing). Token counts and widths are derived from the encoder configs by
+The expert list is configuration: each entry names an encoder kind (leo_jax.models.registry), its config, and the
+options of its host image preprocessor (the data pipeline's; the model receives its uint8 output and normalises it
+with the encoder config's pixel_mean / pixel_std). Token counts and widths are derived from the encoder configs by
 abstract evaluation, never hard-coded.
 """
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from leo_jax.config import config_hash, dataclass_from_config, require
-from leo_jax.data.image_processing import get_preprocessor
+from leo_jax.layers.pixels import normalize
 from leo_jax.models.cotr import CoTR, CoTRConfig
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
 from leo_jax.models.mmoe import RoutingContext
@@ -35,14 +36,16 @@ ENCODER_OUTPUTS = {
     "convnext": dict(cls_token=False, feature_map=True),
     "sam_vision": dict(cls_token=False, feature_map=True),
 }
-PATCH_INPUT_KINDS = ("pix2struct_vision",)
+PATCH_INPUT_KINDS = ("pix2struct_vision",)  # inputs are flattened patches, standardised on the host
+NORMALISATION_OPTIONS = ("mean", "std", "rescale_factor")  # the encoder config's pixel_mean / pixel_std instead
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionExpertConfig:
-    """One vision expert: `kind` (encoder, see ENCODER_OUTPUTS), its `encoder` config fields, its image
-    `processor` ({'kind': ..., options of image_processing.get_preprocessor}); feature maps are resized to
-    `grid` x `grid` tokens (bilinear), e.g. ConvNeXt's late stage to 24 x 24 = 576 tokens."""
+    """One vision expert: `kind` (encoder, see ENCODER_OUTPUTS), its `encoder` config fields, its host image
+    `processor` ({'kind': ..., geometry options of the data pipeline's preprocessor}, whose output is the encoder's
+    image_size); feature maps are resized to `grid` x `grid` tokens (bilinear), e.g. ConvNeXt's late stage to
+    24 x 24 = 576 tokens."""
 
     name: str
     kind: str
@@ -56,6 +59,9 @@ class VisionExpertConfig:
         w = f"config.model.experts.{self.name}"
         require(self.kind in ENCODER_OUTPUTS, f"{w}.kind={self.kind!r}: use one of {sorted(ENCODER_OUTPUTS)}")
         require("kind" in self.processor, f"{w}.processor needs a 'kind' (an image_processing preprocessor)")
+        moved = sorted(set(self.processor) & set(NORMALISATION_OPTIONS))
+        require(not moved, f"{w}.processor sets {moved}: the model normalises with the encoder config's "
+                           f"pixel_mean / pixel_std; set {w}.encoder.pixel_mean / pixel_std instead")
         if ENCODER_OUTPUTS[self.kind]["feature_map"]:
             require(self.grid is None or self.grid > 0, f"{w}.grid must be positive")
         self.encoder_config()  # validate
@@ -63,10 +69,6 @@ class VisionExpertConfig:
     @property
     def batch_key(self) -> str:
         return f"patches_{self.name}" if self.kind in PATCH_INPUT_KINDS else f"pixels_{self.name}"
-
-    def preprocessor(self):
-        options = dict(self.processor)
-        return get_preprocessor(options.pop("kind"), **options)
 
     def encoder_config(self):
         config_cls, _ = model_classes(self.kind)
@@ -141,10 +143,6 @@ class LeoMiniConfig:
                   "out_features": self.llm_config.hidden_size}
         return ProjectorConfig.from_config(fields, "config.model.projector")
 
-    def input_preprocessors(self) -> dict:
-        """Batch key of each expert's input -> its image preprocessor."""
-        return {spec.batch_key: spec.preprocessor() for spec in self.expert_configs}
-
     def visual_tokens_per_image(self) -> int:
         return int(self.cotr.get("num_queries", CoTRConfig.__dataclass_fields__["num_queries"].default))
 
@@ -173,13 +171,25 @@ def keyed_experts(experts: Mapping[str, Any], order: tuple[str, ...], where: str
 
 
 def expert_dummy_inputs(spec: VisionExpertConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """Shapes of one image's encoder inputs (batch 1) from the expert's preprocessor."""
-    pre = spec.preprocessor()
+    """Shapes of one image's encoder inputs (batch 1) from its encoder config: `image_size` pixels, or Pix2Struct's
+    `max_patches` flattened patches (row and column ids + the patch's pixels)."""
+    encoder = spec.encoder_config()
     if spec.kind in PATCH_INPUT_KINDS:
-        width = 2 + pre.patch_size * pre.patch_size * 3
-        return (jax.ShapeDtypeStruct((1, pre.max_patches, width), jnp.float32),
-                jax.ShapeDtypeStruct((1, pre.max_patches), jnp.float32))
-    return (jax.ShapeDtypeStruct((1, *pre.output_size, 3), jnp.float32),)
+        width = 2 + encoder.patch_embed_hidden_size
+        return (jax.ShapeDtypeStruct((1, encoder.max_patches, width), jnp.float32),
+                jax.ShapeDtypeStruct((1, encoder.max_patches), jnp.float32))
+    size = encoder.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return (jax.ShapeDtypeStruct((1, height, width, encoder.num_channels), jnp.float32),)
+
+
+def expert_pixels(spec: VisionExpertConfig, x: jax.Array) -> jax.Array:
+    """The encoder input from the pipeline's host output: uint8 pixels normalised with the encoder's mean/std
+    (float32), Pix2Struct's already standardised patches as float32."""
+    if spec.kind in PATCH_INPUT_KINDS:
+        return jnp.asarray(x).astype(jnp.float32)
+    encoder = spec.encoder_config()
+    return normalize(x, encoder.pixel_mean, encoder.pixel_std)
 
 
 def expert_tokens(spec: VisionExpertConfig, encoder: nnx.Module, pixels: jax.Array,
@@ -235,15 +245,19 @@ class LeoMini(nnx.Module):
         """Every expert's tokens [B*M, N_i, d_i] and token masks [B*M, N_i] (False for empty image slots)."""
         features, masks = [], []
         b, m = batch["image_mask"].shape
-        for spec in self.specs:
-            pre = spec.preprocessor()
+        for spec, (n_tokens, _) in zip(self.specs, self.cfg.expert_shapes):
             x = batch[spec.batch_key]
-            x = x.reshape(b * m, *x.shape[2:])
+            x = expert_pixels(spec, x.reshape(b * m, *x.shape[2:]))
             if spec.kind in PATCH_INPUT_KINDS:
                 patch_mask = batch[f"patch_mask_{spec.name}"].reshape(b * m, -1)
-                tokens, mask = expert_tokens(spec, self.experts[spec.name], pre.device(x), patch_mask)
+                tokens, mask = expert_tokens(spec, self.experts[spec.name], x, patch_mask)
             else:
-                tokens, mask = expert_tokens(spec, self.experts[spec.name], pre.device(x))
+                tokens, mask = expert_tokens(spec, self.experts[spec.name], x)
+            if tokens.shape[1] != n_tokens:
+                raise ValueError(f"expert {spec.name!r}: {tokens.shape[1]} tokens from inputs of shape {x.shape[1:]}, "
+                                 f"but the model is built for {n_tokens} (its encoder's image_size); make the "
+                                 f"processor's output size equal config.model.experts.{spec.name}.encoder.image_size "
+                                 "or set the expert's grid")
             features.append(tokens)
             masks.append(mask & batch["image_mask"].reshape(b * m, 1))
         return features, masks

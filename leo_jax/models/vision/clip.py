@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from leo_jax.layers.common import LayerNorm, normal_init, param
+from leo_jax.layers.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from leo_jax.models.vision.vit import PatchEmbed, ViTConfig, add_positions, block_stack, \
     check_image_size, layers_to_run, prepend_class_token, run_blocks
 
@@ -22,6 +23,8 @@ class CLIPVisionConfig(ViTConfig):
     patch_size: int = 32
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    pixel_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    pixel_std: tuple[float, ...] = OPENAI_CLIP_STD
     # Other input sizes: bicubic-resize the position grid as HF's interpolate_pos_encoding=True; False = HF default
     # (only image_size x image_size is accepted).
     interpolate_pos_encoding: bool = False

@@ -20,6 +20,7 @@ from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
     to_dtype, zeros_init
 from leo_jax.layers.mlp import activation
+from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.models.vision.vit import drop_path
 from leo_jax.sharding import constrain
 
@@ -42,6 +43,9 @@ class ConvNextConfig:
     image_size: int = 224  # nominal input size (FLOP counts); any size of at least the total stride works
     output_stage: int = -1  # the stage whose map `__call__` returns (python index into the stages)
     checkpoint_prefix: str = ""  # checkpoint layout only: 'convnext.' for ConvNextForImageClassification files
+    # RGB normalisation of the published checkpoint's inputs, (pixel / 255 - mean) / std, applied on device
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -56,6 +60,7 @@ class ConvNextConfig:
                 f"{w}.output_stage={self.output_stage} is out of range for {len(self.depths)} stages")
         require(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         activation(self.hidden_act)
+        check_mean_std(self.pixel_mean, self.pixel_std, f"{w}.pixel_mean/pixel_std")
         check_numerics(self, w)
 
     @classmethod

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import attend, check_attention_impl
 from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, stack_layers
+from leo_jax.layers.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_mean_std
 from leo_jax.models.vision.vit import TOKEN_AXES, PatchEmbed, drop_path, layers_to_run, run_blocks
 from leo_jax.sharding import constrain
 
@@ -50,6 +51,9 @@ class EVA02Config:
     qkv_fused: bool = False  # checkpoint layout only: fused `qkv` + q_bias/v_bias instead of q/k/v_proj
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly over the blocks (training only)
     output_layer: int = -1  # -1: the final (normed) tokens; else timm's block outputs, 0 = embeddings, -2 = penult.
+    # RGB normalisation of the published checkpoint's inputs, (pixel / 255 - mean) / std, applied on device
+    pixel_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    pixel_std: tuple[float, ...] = OPENAI_CLIP_STD
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -70,6 +74,7 @@ class EVA02Config:
                 f"{w}.rope_ref_grid={self.rope_ref_grid} must be positive")
         require(0.0 <= self.drop_path_rate < 1.0, f"{w}.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
+        check_mean_std(self.pixel_mean, self.pixel_std, f"{w}.pixel_mean/pixel_std")
         check_numerics(self, w)
         check_attention_impl(self.attention_impl, self.splash_block, w)
 

@@ -24,6 +24,7 @@ from leo_jax.layers.attention import attend, check_attention_impl, dot_product_a
 from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
     to_dtype, zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
+from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.models.vision.vit import PatchEmbed, slice_stack
 from leo_jax.sharding import constrain
 
@@ -53,6 +54,9 @@ class SamVisionConfig:
     # [B, heads, rows*grid, grid^2] instead of [B, heads, grid^2, grid^2] (SAM-L at 1024 px: 1 GiB fp32 per image
     # at once; 16 rows: 256 MiB). Must divide image_size // patch_size.
     global_query_chunk_rows: int = 0
+    # RGB normalisation of the published checkpoint's inputs, (pixel / 255 - mean) / std, applied on device
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -78,6 +82,7 @@ class SamVisionConfig:
                 f"{w}.global_attn_indexes={self.global_attn_indexes} must be distinct layer indexes in "
                 f"[0, {self.num_layers})")
         require(self.hidden_act in ACTIVATIONS, f"{w}.hidden_act={self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
+        check_mean_std(self.pixel_mean, self.pixel_std, f"{w}.pixel_mean/pixel_std")
         check_numerics(self, w)
         check_attention_impl(self.attention_impl, self.splash_block, w)
 

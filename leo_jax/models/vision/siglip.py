@@ -17,6 +17,7 @@ from flax import nnx
 from leo_jax.layers.attention import dot_product_attention
 from leo_jax.layers.common import LayerNorm, Linear, normal_init, param
 from leo_jax.layers.mlp import MLP
+from leo_jax.layers.pixels import HALF_MEAN, HALF_STD
 from leo_jax.models.vision.vit import TOKEN_AXES, PatchEmbed, ViTConfig, add_positions, block_stack, \
     check_image_size, layers_to_run, run_blocks
 from leo_jax.sharding import constrain
@@ -25,6 +26,8 @@ from leo_jax.sharding import constrain
 @dataclasses.dataclass(frozen=True)
 class SiglipVisionConfig(ViTConfig):
     hidden_act: str = "gelu_tanh"
+    pixel_mean: tuple[float, ...] = HALF_MEAN
+    pixel_std: tuple[float, ...] = HALF_STD
     interpolate_pos_encoding: bool = False  # as CLIPVisionConfig: bicubic position resize for other input sizes
     post_norm: bool = True  # apply post_layernorm to the output (HF last_hidden_state); False for hidden_states[k]
     use_head: bool = True  # HF vision_use_head: the attention-pooling head (only `pooled` uses it)

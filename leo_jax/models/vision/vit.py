@@ -19,6 +19,7 @@ from leo_jax.layers.attention import Attention, check_attention_impl
 from leo_jax.layers.common import LayerNorm, check_numerics, fan_in_init, param, scan_layers, stack_layers, to_dtype, \
     zeros_init
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
+from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.sharding import constrain
 
 TOKEN_AXES = ("batch", "length", "act_embed")
@@ -41,6 +42,9 @@ class ViTConfig:
     # Std of the learned position embeddings at initialisation (HF's 0.02; pretrained weights replace them). Trained
     # from scratch, 0.02 is ~50x below the patch content and the layout never reaches the tokens' content.
     position_initializer_range: float = 0.02
+    # RGB normalisation of the published checkpoint's inputs, (pixel / 255 - mean) / std, applied on device
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -56,6 +60,7 @@ class ViTConfig:
         require(self.hidden_size % self.num_heads == 0,
                 f"{w}.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         layers_to_run(self.output_layer, self.num_layers, f"{w}.output_layer")
+        check_mean_std(self.pixel_mean, self.pixel_std, f"{w}.pixel_mean/pixel_std")
         require(self.hidden_act in ACTIVATIONS,
                 f"{w}.hidden_act={self.hidden_act!r}: use one of {sorted(ACTIVATIONS)}")
         check_numerics(self, w)
