@@ -5,7 +5,7 @@ A *sample* (the per-sample transform's output) is a dict of numpy arrays:
   prompt_mask bool [L], sample_index int, and per visual item arrays with a leading item axis
   (LEO: ``tiles`` [n, t, t, 3], ``sam_tiles`` [n, s, s, 3]; LEO-MINI: ``pixels_<expert>`` [m, H, W, 3], ...).
 
-A *batch* is the contract's collated dict (see data_contract / ``BatchLayout.collate``): every row holds one or
+A *batch* is the collated dict of ``BatchLayout.collate``: every row holds one or
 more samples back to back; the model builds its attention mask from ``segment_ids`` (same segment and causal,
 :func:`attention_mask`), so packed samples never see each other, and ``labels`` are shifted within each segment
 so no target crosses a sample boundary. Visual items of a row are concatenated in segment order, which is the

@@ -1,7 +1,7 @@
 """LEO / InternVL dynamic tiling: choose a grid of square tiles for an image and cut it.
 
 The rule is the official LEO (= InternVL ``dynamic_preprocess``) one, reproduced exactly, including its
-floating-point aspect-ratio comparison and its tie-break (SPEC 2.1):
+floating-point aspect-ratio comparison and its tie-break:
 
 * candidate grids ``(cols, rows)`` with ``min_tiles <= cols * rows <= max_tiles``, ordered by tile count;
 * the grid whose ``cols / rows`` is closest to ``width / height`` wins; on an exact tie with the best so far,
@@ -45,7 +45,7 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
 
 
 def select_grid(width: int, height: int, min_tiles: int = 1, max_tiles: int = 6, tile: int = 448) -> tuple[int, int]:
-    """The (cols, rows) grid LEO uses for an image of ``width x height`` pixels (SPEC 2.1, exact)."""
+    """The (cols, rows) grid LEO uses for an image of ``width x height`` pixels (the official rule, exactly)."""
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got width={width}, height={height}")
     if tile < 1:

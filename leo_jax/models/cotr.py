@@ -1,6 +1,6 @@
 """CoTR (conditional token reduction, LEO-MINI): each vision expert's N_i tokens -> N^V tokens, steered by the prompt.
 
-For expert i (SPEC 2.2), with Ī_i = I_i W^I_i, Q̄_i = Q_i W^Q_i, T̂ = T W^T (all bias-free, width d_p):
+For expert i, with Ī_i = I_i W^I_i, Q̄_i = Q_i W^Q_i, T̂ = T W^T (all bias-free, width d_p):
 
     S_i = Q̄_i Ī_iᵀ + pool(Ī_i) Ī_iᵀ + Σ_{j≠i} pool(Ī_j) Ī_iᵀ + pool(T̂) Ī_iᵀ        [N^V, N_i]
     A_i = softmax over the N_i (valid) tokens of S_i * scale_i
@@ -35,7 +35,7 @@ class CoTRConfig:
     """CoTR over a list of vision experts: expert i gives `expert_tokens[i]` tokens of width `expert_widths[i]`.
 
     expert_tokens are the (maximum) token counts N_i; inputs must have exactly that many tokens, shorter expert
-    outputs are padded and masked. Open points of SPEC 2.4, each a field whose default is the public
+    outputs are padded and masked. Points the published equations leave open, each a field whose default is the public
     reimplementation's reading of the paper:
     - pooling: how the three bias rows pool tokens: 'sum' (default, "sum_tokens" in the equations) or 'mean'
       (over the valid tokens; makes the bias independent of token counts and prompt length).

@@ -1,4 +1,4 @@
-"""MMoE: a mixture of LoRA experts in the LLM, routed by the text AND the image (LEO-MINI, SPEC 2.2).
+"""MMoE: a mixture of LoRA experts in the LLM, routed by the text AND the image (LEO-MINI).
 
 In every decoder layer, for each target projection W0 (frozen):
     y = W0 x + B_g A_g x + sum_{e in top-k} g_e B_e A_e x
@@ -6,7 +6,7 @@ with an always-on general LoRA (A_g, B_g) and E routed LoRAs. One router per lay
 [h ; Linear(mean of the visual tokens) ; Linear(mean of the prompt-token embeddings)] where h is the layer's
 normalised input hidden state (per token) -> softmax over E.
 
-Open points (SPEC 2.4), all configurable: which projections carry experts (default the MLP down projection), the gate
+Points the published equations leave open, all configurable: which projections carry experts (default the MLP down projection), the gate
 of a selected expert (its probability, or straight-through: forward 1, gradient of the probability), and the
 balance loss (Switch style: E * sum_e f_e P_e over non-padding tokens, f = top-1 assignment fraction, P = mean
 probability; the trainer weights it, default 0.05).
@@ -37,7 +37,7 @@ class MMoEConfig:
     general_rank: int = 16  # the always-on general LoRA (0 = none)
     general_alpha: float = 16.0
     top_k: int = 1
-    targets: tuple[str, ...] = ("down_proj",)  # projections that carry experts (SPEC 2.4: open point)
+    targets: tuple[str, ...] = ("down_proj",)  # projections that carry experts (left open by the paper)
     router_hidden: int = 256
     router_cond_dim: int = 256  # width of Linear(mean visual) and Linear(mean prompt) in the router input
     gate_mode: str = "prob"  # 'prob': g_e = p_e; 'straight_through': forward 1, gradient via p_e

@@ -1,7 +1,7 @@
 """PyTorch reference of LEO / LEO-MINI's vision-to-LLM glue: pixel (un)shuffle, MLP projectors and CoTR.
 
-Written straight from the equations of SPEC 2.2 (loops over experts, each score term computed on its own,
-explicit masks), independently of leo_jax/models/cotr.py, so the two check each other. Depends on torch only.
+Written straight from the CoTR equations written out in leo_jax/models/cotr.py (loops over experts, each score term
+computed on its own, explicit masks), independently of leo_jax/models/cotr.py, so the two check each other. Depends on torch only.
 Parameter names match leo_jax: `experts.{i}.query`, `experts.{i}.query_proj.weight`, `experts.{i}.token_proj.weight`,
 `text_proj.weight` (Linear weights = leo_jax kernels transposed); projectors keep InternVL's / LLaVA's
 `nn.Sequential` indices (see leo_jax.models.projector.torch_projector_names).
@@ -61,7 +61,7 @@ class CoTRExpert(nn.Module):
 
 
 class CoTR(nn.Module):
-    """Conditional token reduction over a list of experts (SPEC 2.2); see leo_jax.models.cotr.CoTRConfig for the
+    """Conditional token reduction over a list of experts; see leo_jax.models.cotr.CoTRConfig for the
     meaning of `pooling` ('sum' | 'mean'), `scale` ('sqrt_expert_width' | 'sqrt_proj_width' | 'none') and
     `visual_bias` (False drops the pooled visual rows, keeping the query and prompt terms) and `spatial_prior`
     (> 0: the Gaussian score offset that points query q at the q-th cell of a square grid over the image)."""

@@ -1,4 +1,4 @@
-"""A compact PyTorch LEO-MINI (SPEC 2.2), built only from torch, transformers' standard modules and this package's
+"""A compact PyTorch LEO-MINI, built only from torch, transformers' standard modules and this package's
 torch modules: the target of `leo_jax.convert` family 'leo_mini' exports, loadable, runnable and fine-tunable
 without JAX.
 

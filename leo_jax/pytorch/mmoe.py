@@ -1,4 +1,4 @@
-"""PyTorch MMoE (SPEC 2.2), written from the equations: the reference for leo_jax.models.mmoe and the building block
+"""PyTorch MMoE (LEO-MINI), written from the equations: the reference for leo_jax.models.mmoe and the building block
 of the PyTorch LEO-MINI. Parameter names mirror the JAX ones (router.fc1, experts lora_a [E, in, r], ...)."""
 
 from __future__ import annotations
