@@ -119,6 +119,23 @@ def test_malformed_jsonl_line_is_an_error_record_with_line_number(tmp_path):
     assert "image" in source[3].error[1] and "conversations[0]" in source[4].error[1]
 
 
+def test_raw_values_and_line_numbers_for_any_json_lines_file(tmp_path):
+    """The reader behind benchmark files and the trainer's evaluation records: raw JSON values with their lines,
+    blank lines skipped; `jsonl=True` reads a file whatever its name; a JSON array has no line numbers."""
+    values = [{"question": "q1", "answers": ["a"]}, [1, 2], "text"]
+    path = tmp_path / "bench.txt"
+    path.write_text(json.dumps(values[0]) + "\n\n  \n" + json.dumps(values[1]) + "\n{bad\n" + json.dumps(values[2]))
+    source = sources.LlavaJsonSource(str(path), jsonl=True)
+    assert len(source) == 4 and [source.line_number(i) for i in range(4)] == [1, 4, 5, 6]
+    assert [source.raw(i) for i in (0, 1, 3)] == values
+    with pytest.raises(json.JSONDecodeError):
+        source.raw(2)
+    array = tmp_path / "records.json"
+    array.write_text(json.dumps(RECORDS))
+    as_array = sources.LlavaJsonSource(str(array))
+    assert [as_array.raw(i) for i in range(len(as_array))] == RECORDS and as_array.line_number(0) is None
+
+
 def test_malformed_json_array_fails_naming_the_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[{"conversations": []}, {"broken": ]')

@@ -152,21 +152,23 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 class LlavaJsonSource:
-    """Grain random-access source over a LLaVA JSON array file or a JSONL file.
+    """Grain random-access source over a LLaVA JSON array file or a JSONL file; the one reader of JSON / JSONL record
+    files (training data, the trainer's evaluation records, benchmark files through ``raw``).
 
     image_root: directory the records' ``image`` paths are relative to (default: the annotation file's directory).
+    jsonl: read one JSON value per line; default: by the file name (``.jsonl``, else ``.json``, an array).
     A malformed JSONL line becomes an error record (skipped and counted downstream); a malformed ``.json`` file
     fails at construction, since its records cannot be delimited.
     """
 
-    def __init__(self, path: str, image_root: str | None = None):
+    def __init__(self, path: str, image_root: str | None = None, jsonl: bool | None = None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path} (set data.train_files / data.eval_files)")
         self.path = path
         self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-        if path.endswith(".jsonl"):
+        if jsonl or (jsonl is None and path.endswith(".jsonl")):
             self._spans, self._line_numbers = _jsonl_spans(path)
-        elif path.endswith(".json"):
+        elif jsonl is False or path.endswith(".json"):
             self._spans, self._line_numbers = _json_array_spans(path), None
         else:
             raise ValueError(f"{path}: unknown annotation format; expected a .json (array) or .jsonl file")
@@ -175,17 +177,23 @@ class LlavaJsonSource:
     def __len__(self) -> int:
         return len(self._spans)
 
-    def __getitem__(self, index: int) -> Record:
+    def line_number(self, index: int) -> int | None:
+        """1-based line of record ``index`` in a JSONL file (None for a JSON array)."""
+        return None if self._line_numbers is None else int(self._line_numbers[index])
+
+    def raw(self, index: int) -> Any:
+        """The parsed JSON value of record ``index``; json.JSONDecodeError or UnicodeDecodeError (both ValueErrors)
+        when it is malformed."""
         start, end = (int(v) for v in self._spans[index])
-        if self._line_numbers is not None:
-            origin = f"{self.path}:line {int(self._line_numbers[index])}"
-        else:
-            origin = f"{self.path}:record {index}"
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        raw = os.pread(self._fd, end - start, start)  # positional read: safe from several reader threads at once
+        return json.loads(os.pread(self._fd, end - start, start))  # positional read: thread-safe
+
+    def __getitem__(self, index: int) -> Record:
+        line = self.line_number(index)
+        origin = f"{self.path}:line {line}" if line is not None else f"{self.path}:record {index}"
         try:
-            obj = json.loads(raw)
+            obj = self.raw(index)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return _error_record(origin, MALFORMED_JSON, str(e))
         return record_from_json(obj, self.image_root, origin)

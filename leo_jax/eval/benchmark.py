@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+from leo_jax.data.sources import LlavaJsonSource
 from leo_jax.eval import metrics
 from leo_jax.infer.chat import InferenceEngine, Request
 
@@ -130,21 +131,17 @@ def read_benchmark(path: str, metric: str = AUTO, limit: int | None = None) -> l
     """The records of a benchmark JSONL file (the first `limit` when given); blank lines are skipped."""
     if not os.path.isfile(path):
         raise BenchmarkError(f"benchmark file {path} not found")
-    base_dir = os.path.dirname(os.path.abspath(path))
+    source = LlavaJsonSource(path, jsonl=True)
     records = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{where}: not valid JSON ({e.msg}); the file needs one JSON object per line "
-                                     "(JSONL)") from e
-            records.append(parse_record(obj, where, base_dir, metric))
+    for index in range(len(source) if limit is None else min(limit, len(source))):
+        where = f"{path}:{source.line_number(index)}"
+        try:
+            obj = source.raw(index)
+        except ValueError as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise BenchmarkError(f"{where}: not valid JSON ({reason}); the file needs one JSON object per line "
+                                 "(JSONL)") from e
+        records.append(parse_record(obj, where, source.image_root, metric))
     if not records:
         raise BenchmarkError(f"{path}: no records")
     return records

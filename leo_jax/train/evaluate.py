@@ -10,14 +10,13 @@ prompts and decodes greedily; the answer is compared with the first assistant tu
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
-from leo_jax.data import pipeline, synthetic, templates
+from leo_jax.data import pipeline, sources, synthetic, templates
 from leo_jax.data.templates import decode_answer
 from leo_jax.data.visual import VisualKind
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch
@@ -31,14 +30,10 @@ def load_annotation_records(files: str) -> list[dict] | None:
     e.g. ArrayRecord directories: then only overall exact match is reported)."""
     records = []
     for path in (p.strip() for p in files.split(",") if p.strip()):
-        if path.endswith(".jsonl"):
-            with open(path) as f:
-                records += [json.loads(line) for line in f if line.strip()]
-        elif path.endswith(".json"):
-            with open(path) as f:
-                records += json.load(f)
-        else:
+        if not path.endswith((".json", ".jsonl")):
             return None
+        source = sources.LlavaJsonSource(path)
+        records += [source.raw(i) for i in range(len(source))]
     return records
 
 
