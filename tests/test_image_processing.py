@@ -283,3 +283,29 @@ def test_leo_image_inputs_jpeg_only_on_intern_vit_tiles():
     hosted = leo_image_inputs(image, max_tiles=6, tile=32, sam=sam)
     np.testing.assert_array_equal(hosted["tiles"], np.stack(plain))  # no rng: no augmentation
     np.testing.assert_array_equal(hosted["sam_tiles"], np.stack([sam.host(Image.fromarray(t)) for t in plain]))
+
+
+def test_normalize_is_the_two_step_formula_for_any_mean_std():
+    """layers.pixels.normalize (used by the models with their encoder config's pixel_mean / pixel_std) equals
+    (x / 255 - mean) / std up to float32 rounding."""
+    from leo_jax.layers.pixels import normalize
+
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.7)
+    pixels = np.random.RandomState(0).randint(0, 256, (2, 5, 7, 3), np.uint8)
+    got = np.asarray(jax.jit(lambda x: normalize(x, mean, std))(jnp.asarray(pixels)))
+    expected = (pixels / 255.0 - np.asarray(mean)) / np.asarray(std)
+    assert got.dtype == np.float32 and np.abs(got - expected).max() < ATOL
+
+
+def test_encoder_configs_own_their_pixel_normalisation():
+    """Encoder configs carry their checkpoint's mean/std; a LEO-MINI expert's processor may not set another."""
+    from leo_jax.models.leo_mini import VisionExpertConfig
+    from leo_jax.models.vision.clip import CLIPVisionConfig
+    from leo_jax.models.vision.siglip import SiglipVisionConfig
+
+    assert CLIPVisionConfig().pixel_mean == OPENAI_CLIP_MEAN and CLIPVisionConfig().pixel_std == OPENAI_CLIP_STD
+    assert SiglipVisionConfig().pixel_mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"pixel_mean/pixel_std: std values must be positive"):
+        CLIPVisionConfig(pixel_std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match=r"experts\[clip\]\.processor sets \['mean'\].*encoder\.pixel_mean"):
+        VisionExpertConfig(name="clip", kind="clip_vision", encoder={}, processor={"kind": "clip", "mean": (0, 0, 0)})
