@@ -307,5 +307,5 @@ def test_encoder_configs_own_their_pixel_normalisation():
     assert SiglipVisionConfig().pixel_mean == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match=r"pixel_mean/pixel_std: std values must be positive"):
         CLIPVisionConfig(pixel_std=(0.2, 0.0, 0.2))
-    with pytest.raises(ValueError, match=r"experts\[clip\]\.processor sets \['mean'\].*encoder\.pixel_mean"):
+    with pytest.raises(ValueError, match=r"experts\.clip\.processor sets \['mean'\].*encoder\.pixel_mean"):
         VisionExpertConfig(name="clip", kind="clip_vision", encoder={}, processor={"kind": "clip", "mean": (0, 0, 0)})
