@@ -11,7 +11,8 @@ prompts and decodes greedily; the answer is compared with the first assistant tu
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
