@@ -19,10 +19,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule = "cosine"  # 'cosine' (to final_lr_fraction * learning_rate) or 'constant', both after warm-up
     c.warmup_fraction = 0.03  # linear warm-up from 0 over this fraction of the steps (both papers: 3%)
     c.final_lr_fraction = 0.0
-    # Decoupled weight decay, applied to every parameter with >= 2 dims per layer (matrices, embeddings, LoRA
-    # factors, CoTR queries) and never to 1-d ones (norm scales, biases): the rule of the Hugging Face Trainer that
-    # LLaVA / InternVL recipes use.
+    # Decoupled weight decay, chosen per parameter by its role (set where the parameter is created, never guessed
+    # from its rank): kernels, embeddings, LoRA factors, CoTR queries, position tables, CLS tokens and layer scales
+    # decay; the roles listed here do not. Default: every bias and norm scale exempt, the rule of the Hugging Face
+    # Trainer the LLaVA / InternVL recipes ran with. Roles: kernel, bias, norm, embedding, position, token,
+    # layer_scale, query, lora.
     c.weight_decay = 0.0
+    c.no_decay_roles = ("bias", "norm")
     c.adam_b1 = 0.9
     c.adam_b2 = 0.999
     c.adam_eps = 1e-8

@@ -39,12 +39,28 @@ def dtype_name(dtype: Any, where: str = "dtype") -> str:
     return name
 
 
-def param(rngs: nnx.Rngs | None, init: Callable, shape: Shape, axes: Axes, dtype: Any) -> nnx.Param:
-    """An nnx.Param that carries its logical axis names (`axes`), used by leo_jax.sharding."""
+# What a parameter is for, stored in its metadata as `role`: the optimizer decides weight decay from it (a rank rule
+# would call q/k/v biases shaped [heads, head_dim] matrices).
+KERNEL = "kernel"  # Linear / convolution weights
+BIAS = "bias"  # additive biases, including LayerNorm's
+NORM = "norm"  # norm scales
+EMBEDDING = "embedding"  # token embedding tables
+POSITION = "position"  # learned position tables (absolute or relative)
+TOKEN = "token"  # learned extra tokens: CLS, attention-pool probe
+LAYER_SCALE = "layer_scale"  # per-channel residual scales
+QUERY = "query"  # CoTR's learnable queries
+LORA = "lora"  # LoRA factors
+ROLES = (KERNEL, BIAS, NORM, EMBEDDING, POSITION, TOKEN, LAYER_SCALE, QUERY, LORA)
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Shape, axes: Axes, dtype: Any, *, role: str) -> nnx.Param:
+    """An nnx.Param that carries its logical axis names (`axes`, used by leo_jax.sharding) and its `role`."""
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
+    if role not in ROLES:
+        raise ValueError(f"unknown parameter role {role!r}; use one of {ROLES}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, shape, to_dtype(dtype)), axes=tuple(axes))
+    return nnx.Param(init(key, shape, to_dtype(dtype)), axes=tuple(axes), role=role)
 
 
 def normal_init(stddev: float) -> Callable:
@@ -90,8 +106,9 @@ class Linear(nnx.Module):
         self.dtype = to_dtype(dtype)
         kernel_init = kernel_init or fan_in_init(math.prod(self.in_features))
         self.kernel = param(rngs, kernel_init, self.in_features + self.out_features, tuple(in_axes) + tuple(out_axes),
-                            param_dtype)
-        self.bias = param(rngs, zeros_init, self.out_features, tuple(out_axes), param_dtype) if use_bias else None
+                            param_dtype, role=KERNEL)
+        self.bias = (param(rngs, zeros_init, self.out_features, tuple(out_axes), param_dtype, role=BIAS)
+                     if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_features)
@@ -115,7 +132,8 @@ class Embed(nnx.Module):
 
     def __init__(self, vocab: int, features: int, *, dtype: Any, param_dtype: Any, init_std: float, rngs: nnx.Rngs):
         self.dtype = to_dtype(dtype)
-        self.embedding = param(rngs, normal_init(init_std), (vocab, features), ("vocab", "embed"), param_dtype)
+        self.embedding = param(rngs, normal_init(init_std), (vocab, features), ("vocab", "embed"), param_dtype,
+                               role=EMBEDDING)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
@@ -129,7 +147,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None = None):
         self.eps, self.dtype = eps, to_dtype(dtype)
-        self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype, role=NORM)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -143,8 +161,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, features: int, *, eps: float, dtype: Any, param_dtype: Any, use_bias: bool = True,
                  rngs: nnx.Rngs | None = None):
         self.eps, self.dtype = eps, to_dtype(dtype)
-        self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype)
-        self.bias = param(rngs, zeros_init, (features,), ("norm",), param_dtype) if use_bias else None
+        self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype, role=NORM)
+        self.bias = param(rngs, zeros_init, (features,), ("norm",), param_dtype, role=BIAS) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.layers.common import Axes, Linear, to_dtype
+from leo_jax.layers.common import LORA, Axes, Linear, to_dtype
 
 
 class LoRAParam(nnx.Param):
@@ -17,7 +17,7 @@ class LoRAParam(nnx.Param):
 
 
 def lora_param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype: Any) -> LoRAParam:
-    return LoRAParam(init(rngs.params(), shape, to_dtype(dtype)), axes=tuple(axes))
+    return LoRAParam(init(rngs.params(), shape, to_dtype(dtype)), axes=tuple(axes), role=LORA)
 
 
 class LoRAExperts(nnx.Module):

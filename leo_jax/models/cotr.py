@@ -23,7 +23,7 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import MASK_VALUE
-from leo_jax.layers.common import Linear, check_numerics, normal_init, param, to_dtype
+from leo_jax.layers.common import QUERY, Linear, check_numerics, normal_init, param, to_dtype
 from leo_jax.sharding import constrain
 
 POOLINGS = ("sum", "mean")
@@ -143,7 +143,7 @@ class CoTRExpert(nnx.Module):
         kw = dict(in_axes=("embed",), out_axes=("mlp",), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
         self.query = param(rngs, normal_init(cfg.initializer_range), (cfg.num_queries, width), ("queries", "embed"),
-                           cfg.param_dtype)
+                           cfg.param_dtype, role=QUERY)
         self.query_proj = Linear(width, cfg.proj_width, **kw)
         self.token_proj = Linear(width, cfg.proj_width, **kw)
 

@@ -7,8 +7,10 @@ import re
 from typing import Any, Mapping
 
 from leo_jax.config import dataclass_from_config, require
+from leo_jax.layers.common import BIAS, NORM, ROLES
 
 SCHEDULES = ("cosine", "constant")
+NO_DECAY_ROLES = (BIAS, NORM)  # parameter roles exempt from weight decay by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +21,7 @@ class TrainConfig:
     warmup_fraction: float = 0.03
     final_lr_fraction: float = 0.0
     weight_decay: float = 0.0
+    no_decay_roles: tuple[str, ...] = NO_DECAY_ROLES
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
@@ -49,6 +52,8 @@ class TrainConfig:
         require(self.schedule in SCHEDULES, f"{w}.schedule={self.schedule!r}: use one of {SCHEDULES}")
         require(0 <= self.warmup_fraction < 1, f"{w}.warmup_fraction must be in [0, 1)")
         require(0 <= self.final_lr_fraction <= 1, f"{w}.final_lr_fraction must be in [0, 1]")
+        unknown = sorted(set(self.no_decay_roles) - set(ROLES))
+        require(not unknown, f"{w}.no_decay_roles: unknown role(s) {unknown}; roles are {ROLES}")
         require(self.grad_accum_steps >= 1, f"{w}.grad_accum_steps must be >= 1")
         require(self.grad_clip_norm >= 0, f"{w}.grad_clip_norm must be >= 0 (0 = no clipping)")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

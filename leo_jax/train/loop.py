@@ -35,7 +35,7 @@ from leo_jax.train import metrics as metrics_lib
 from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.config import TrainConfig
 from leo_jax.train.evaluate import Evaluator
-from leo_jax.train.optimizer import TrainableFilter, check_patterns, count_params, make_optimizer
+from leo_jax.train.optimizer import TrainableFilter, check_patterns, count_params, decay_summary, make_optimizer
 from leo_jax.train.pretrained import apply_init
 from leo_jax.train.state import abstract_train_state, create_train_state
 from leo_jax.train.step import device_batch, jit_train_step, make_train_step
@@ -206,6 +206,8 @@ class Trainer:
         trainable, frozen = count_params(self.state.trainable), count_params(self.state.frozen)
         logger.info("parameters: %s trainable, %s frozen (%.2f%% trainable); mesh %s", f"{trainable:,}",
                     f"{frozen:,}", 100 * trainable / max(trainable + frozen, 1), dict(self.mesh.shape))
+        logger.info("weight decay %g on trainable parameters: %s", self.train_cfg.weight_decay,
+                    decay_summary(self.state.trainable, self.train_cfg.no_decay_roles))
         self.num_params = trainable + frozen
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
                                            grad_accum_steps=self.train_cfg.grad_accum_steps,

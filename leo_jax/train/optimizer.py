@@ -10,7 +10,7 @@ import jax
 import optax
 from flax import nnx
 
-from leo_jax.train.config import TrainConfig
+from leo_jax.train.config import NO_DECAY_ROLES, TrainConfig
 
 
 def param_path(path: Sequence) -> str:
@@ -61,21 +61,41 @@ def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def decays(variable: nnx.Variable) -> bool:
-    """Weight decay on parameters with >= 2 dims per layer (matrices, embeddings, LoRA factors, queries); none on
-    norm scales and biases. A scanned stack's leading 'layers' axis does not count."""
-    axes = variable.get_metadata().get("axes") or ()
-    ndim = variable.get_value().ndim - (1 if axes and axes[0] == "layers" else 0)
-    return ndim >= 2
+def decays(variable: nnx.Variable, no_decay_roles: Sequence[str] = NO_DECAY_ROLES) -> bool:
+    """Weight decay unless the parameter's `role` metadata (layers.common) is in `no_decay_roles`: by default every
+    bias and norm scale is exempt, as in the Hugging Face Trainer the LLaVA / InternVL recipes ran with."""
+    role = variable.get_metadata().get("role")
+    if role is None:
+        raise ValueError(f"a parameter of shape {variable.get_value().shape} has no 'role' metadata; create it with "
+                         "leo_jax.layers.common.param(..., role=...)")
+    return role not in no_decay_roles
 
 
-def decay_mask(params: nnx.State) -> nnx.State:
-    return jax.tree.map(lambda v: v.replace(decays(v)), params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+def decay_mask_fn(no_decay_roles: Sequence[str] = NO_DECAY_ROLES):
+    """The optax mask function: a bool per parameter from its role."""
+    def mask(params: nnx.State) -> nnx.State:
+        return jax.tree.map(lambda v: v.replace(decays(v, no_decay_roles)), params,
+                            is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return mask
+
+
+def decay_summary(params: nnx.State, no_decay_roles: Sequence[str] = NO_DECAY_ROLES) -> str:
+    """'decayed 1,234 (kernel 1,000, embedding 234); not decayed 56 (bias 40, norm 16)' for the start-up log."""
+    counts: dict[bool, dict[str, int]] = {True: {}, False: {}}
+    for variable in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        role = variable.get_metadata().get("role")
+        group = counts[decays(variable, no_decay_roles)]
+        group[role] = group.get(role, 0) + math.prod(variable.get_value().shape)
+
+    def line(group):
+        detail = ", ".join(f"{role} {n:,}" for role, n in sorted(group.items()))
+        return f"{sum(group.values()):,}" + (f" ({detail})" if detail else "")
+    return f"decayed {line(counts[True])}; not decayed {line(counts[False])}"
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
+                        mask=decay_mask_fn(cfg.no_decay_roles))
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw) if cfg.grad_clip_norm > 0 else adamw
     return tx, schedule

@@ -12,10 +12,18 @@ import dataclasses
 import jax
 from flax import nnx
 
-from leo_jax.layers.common import LayerNorm, normal_init, param
+from leo_jax.layers.common import POSITION, TOKEN, LayerNorm, normal_init, param
 from leo_jax.layers.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from leo_jax.models.vision.vit import PatchEmbed, ViTConfig, add_positions, block_stack, \
-    check_image_size, layers_to_run, prepend_class_token, run_blocks
+from leo_jax.models.vision.vit import (
+    PatchEmbed,
+    ViTConfig,
+    add_positions,
+    block_stack,
+    check_image_size,
+    layers_to_run,
+    prepend_class_token,
+    run_blocks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +45,9 @@ class CLIPVisionEncoder(nnx.Module):
         self.cfg = cfg
         d, kw = cfg.hidden_size, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=False, rngs=rngs, **kw)
-        self.class_embedding = param(rngs, normal_init(0.02), (d,), ("embed",), cfg.param_dtype)
+        self.class_embedding = param(rngs, normal_init(0.02), (d,), ("embed",), cfg.param_dtype, role=TOKEN)
         self.position_embedding = param(rngs, normal_init(cfg.position_initializer_range), (cfg.grid ** 2 + 1, d),
-                                        ("positions", "embed"), cfg.param_dtype)
+                                        ("positions", "embed"), cfg.param_dtype, role=POSITION)
         self.pre_norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)
         self.layers = block_stack(cfg, rngs)
         self.post_norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)

@@ -9,7 +9,8 @@ stage's map (`output_stage`) and resizes it to its token grid; `return_stages=Tr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,20 @@ import numpy as np
 from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
-from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
-    to_dtype, zeros_init
+from leo_jax.layers.common import (
+    BIAS,
+    KERNEL,
+    LAYER_SCALE,
+    LayerNorm,
+    Linear,
+    check_numerics,
+    normal_init,
+    param,
+    scan_layers,
+    stack_layers,
+    to_dtype,
+    zeros_init,
+)
 from leo_jax.layers.mlp import activation
 from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.models.vision.vit import drop_path
@@ -64,7 +77,7 @@ class ConvNextConfig:
         check_numerics(self, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "ConvNextConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> ConvNextConfig:
         return dataclass_from_config(cls, config, where)
 
     @property
@@ -106,8 +119,9 @@ class Conv2d(nnx.Module):
         self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, to_dtype(dtype)
         self.kernel = param(rngs, normal_init(init_std), (kernel_size, kernel_size, in_features // groups,
                                                           out_features),
-                            ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype)
-        self.bias = param(rngs, zeros_init, (out_features,), ("conv_out",), param_dtype) if use_bias else None
+                            ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype, role=KERNEL)
+        self.bias = param(rngs, zeros_init, (out_features,), ("conv_out",), param_dtype,
+                          role=BIAS) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.lax.conv_general_dilated(
@@ -131,7 +145,8 @@ class ConvNextBlock(nnx.Module):
                               rngs=rngs, **kw)
         self.act = activation(cfg.hidden_act)
         self.layer_scale = None if cfg.layer_scale_init_value <= 0 else param(
-            rngs, jax.nn.initializers.constant(cfg.layer_scale_init_value), (dim,), ("norm",), cfg.param_dtype)
+            rngs, jax.nn.initializers.constant(cfg.layer_scale_init_value), (dim,), ("norm",), cfg.param_dtype,
+            role=LAYER_SCALE)
 
     def __call__(self, x: jax.Array, drop: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         h = self.pwconv1(self.norm(self.dwconv(x)))

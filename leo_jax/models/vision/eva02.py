@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import attend, check_attention_impl
-from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, stack_layers
+from leo_jax.layers.common import POSITION, TOKEN, LayerNorm, Linear, check_numerics, normal_init, param, stack_layers
 from leo_jax.layers.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_mean_std
 from leo_jax.models.vision.vit import TOKEN_AXES, PatchEmbed, drop_path, layers_to_run, run_blocks
 from leo_jax.sharding import constrain
@@ -79,7 +80,7 @@ class EVA02Config:
         check_attention_impl(self.attention_impl, self.splash_block, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "EVA02Config":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> EVA02Config:
         return dataclass_from_config(cls, config, where)
 
     @property
@@ -203,9 +204,10 @@ class EVA02VisionEncoder(nnx.Module):
         self.cfg = cfg
         d, kw = cfg.hidden_size, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=True, rngs=rngs, **kw)
-        self.cls_token = param(rngs, normal_init(0.02), (d,), ("embed",), cfg.param_dtype)
+        self.cls_token = param(rngs, normal_init(0.02), (d,), ("embed",), cfg.param_dtype, role=TOKEN)
         num_positions = 1 + cfg.grid[0] * cfg.grid[1]
-        self.pos_embed = param(rngs, normal_init(0.02), (num_positions, d), ("positions", "embed"), cfg.param_dtype)
+        self.pos_embed = param(rngs, normal_init(0.02), (num_positions, d), ("positions", "embed"), cfg.param_dtype,
+                               role=POSITION)
         self.layers = stack_layers(lambda r: EVA02Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw) if cfg.final_norm else None
 

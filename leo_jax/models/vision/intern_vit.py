@@ -15,9 +15,16 @@ import jax
 from flax import nnx
 
 from leo_jax.config import require
-from leo_jax.layers.common import normal_init, param, zeros_init
-from leo_jax.models.vision.vit import PatchEmbed, ViTConfig, add_positions, block_stack, \
-    layers_to_run, prepend_class_token, run_blocks
+from leo_jax.layers.common import POSITION, TOKEN, normal_init, param, zeros_init
+from leo_jax.models.vision.vit import (
+    PatchEmbed,
+    ViTConfig,
+    add_positions,
+    block_stack,
+    layers_to_run,
+    prepend_class_token,
+    run_blocks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +55,10 @@ class InternViT(nnx.Module):
         d = cfg.hidden_size
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=True, dtype=cfg.dtype,
                                       param_dtype=cfg.param_dtype, rngs=rngs)
-        self.class_embedding = param(rngs, zeros_init, (1, 1, d), (None, None, "embed"), cfg.param_dtype)
+        self.class_embedding = param(rngs, zeros_init, (1, 1, d), (None, None, "embed"), cfg.param_dtype,
+                                     role=TOKEN)
         self.position_embedding = param(rngs, normal_init(cfg.position_initializer_range), (1, cfg.grid ** 2 + 1, d),
-                                        (None, "positions", "embed"), cfg.param_dtype)
+                                        (None, "positions", "embed"), cfg.param_dtype, role=POSITION)
         self.layers = block_stack(cfg, rngs, qkv_bias=cfg.qkv_bias, layer_scale_init=cfg.layer_scale_init)
 
     def __call__(self, pixels: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:

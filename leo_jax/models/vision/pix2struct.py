@@ -9,7 +9,8 @@ RMS norms without bias, attention without biases or 1/sqrt(d) scaling, and a gat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,16 @@ from jax.ad_checkpoint import checkpoint_name
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import Attention, Segments, attend, check_attention_impl
-from leo_jax.layers.common import Linear, RMSNorm, check_numerics, normal_init, param, scan_layers, stack_layers
+from leo_jax.layers.common import (
+    POSITION,
+    Linear,
+    RMSNorm,
+    check_numerics,
+    normal_init,
+    param,
+    scan_layers,
+    stack_layers,
+)
 from leo_jax.layers.mlp import activation
 from leo_jax.models.vision.vit import TOKEN_AXES, layers_to_run, slice_stack
 from leo_jax.sharding import constrain
@@ -58,7 +68,7 @@ class Pix2StructVisionConfig:
         check_attention_impl(self.attention_impl, self.splash_block, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "Pix2StructVisionConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> Pix2StructVisionConfig:
         return dataclass_from_config(cls, config, where)
 
     def visual_tokens_per_image(self) -> int:
@@ -121,8 +131,10 @@ class Pix2StructVisionEncoder(nnx.Module):
         init = normal_init(cfg.initializer_range)
         self.patch_projection = Linear(cfg.patch_embed_hidden_size, d, in_axes=("patch",), out_axes=("embed",),
                                        use_bias=True, kernel_init=init, rngs=rngs, **kw)
-        self.row_embedding = param(rngs, init, (cfg.seq_len, d), ("positions", "embed"), cfg.param_dtype)
-        self.column_embedding = param(rngs, init, (cfg.seq_len, d), ("positions", "embed"), cfg.param_dtype)
+        self.row_embedding = param(rngs, init, (cfg.seq_len, d), ("positions", "embed"), cfg.param_dtype,
+                                   role=POSITION)
+        self.column_embedding = param(rngs, init, (cfg.seq_len, d), ("positions", "embed"), cfg.param_dtype,
+                                      role=POSITION)
         self.layers = stack_layers(lambda r: Pix2StructLayer(cfg, rngs=r), cfg.num_layers, rngs)
         self.final_norm = RMSNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,19 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import attend, check_attention_impl, dot_product_attention, log_fallback
-from leo_jax.layers.common import LayerNorm, Linear, check_numerics, normal_init, param, scan_layers, stack_layers, \
-    to_dtype, zeros_init
+from leo_jax.layers.common import (
+    KERNEL,
+    POSITION,
+    LayerNorm,
+    Linear,
+    check_numerics,
+    normal_init,
+    param,
+    scan_layers,
+    stack_layers,
+    to_dtype,
+    zeros_init,
+)
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.models.vision.vit import PatchEmbed, slice_stack
@@ -127,7 +139,7 @@ class SamVisionConfig:
         return out
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "SamVisionConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> SamVisionConfig:
         return dataclass_from_config(cls, config, where)
 
 
@@ -173,8 +185,10 @@ class SamAttention(nnx.Module):
             for _ in range(3))
         self.o_proj = Linear((h, hd), d, in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=True, **kw)
         if cfg.use_rel_pos:
-            self.rel_pos_h = param(rngs, zeros_init, (2 * size - 1, hd), ("positions", "head_dim"), cfg.param_dtype)
-            self.rel_pos_w = param(rngs, zeros_init, (2 * size - 1, hd), ("positions", "head_dim"), cfg.param_dtype)
+            self.rel_pos_h = param(rngs, zeros_init, (2 * size - 1, hd), ("positions", "head_dim"),
+                                   cfg.param_dtype, role=POSITION)
+            self.rel_pos_w = param(rngs, zeros_init, (2 * size - 1, hd), ("positions", "head_dim"),
+                                   cfg.param_dtype, role=POSITION)
         else:
             self.rel_pos_h = self.rel_pos_w = None
 
@@ -242,7 +256,7 @@ class Conv(nnx.Module):
                  rngs: nnx.Rngs):
         self.dtype = to_dtype(dtype)
         self.kernel = param(rngs, normal_init(0.02), (kernel, kernel, in_features, out_features),
-                            ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype)
+                            ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype, role=KERNEL)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (1, 1), "SAME",
@@ -273,7 +287,8 @@ class SamVisionEncoder(nnx.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=True, dtype=cfg.dtype,
                                       param_dtype=cfg.param_dtype, rngs=rngs)
         self.pos_embed = param(rngs, zeros_init, (1, cfg.grid, cfg.grid, d),
-                               (None, "positions", "positions", "embed"), cfg.param_dtype) if cfg.use_abs_pos else None
+                               (None, "positions", "positions", "embed"), cfg.param_dtype,
+                               role=POSITION) if cfg.use_abs_pos else None
         make = lambda window, n: stack_layers(lambda r: SamBlock(cfg, window, rngs=r), n, rngs) if n else None
         self.window_layers = make(cfg.window_size, len(cfg.window_layers))
         self.global_layers = make(0, len(cfg.global_layers))

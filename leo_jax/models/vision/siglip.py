@@ -15,11 +15,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from leo_jax.layers.attention import dot_product_attention
-from leo_jax.layers.common import LayerNorm, Linear, normal_init, param
+from leo_jax.layers.common import POSITION, TOKEN, LayerNorm, Linear, normal_init, param
 from leo_jax.layers.mlp import MLP
 from leo_jax.layers.pixels import HALF_MEAN, HALF_STD
-from leo_jax.models.vision.vit import TOKEN_AXES, PatchEmbed, ViTConfig, add_positions, block_stack, \
-    check_image_size, layers_to_run, run_blocks
+from leo_jax.models.vision.vit import (
+    TOKEN_AXES,
+    PatchEmbed,
+    ViTConfig,
+    add_positions,
+    block_stack,
+    check_image_size,
+    layers_to_run,
+    run_blocks,
+)
 from leo_jax.sharding import constrain
 
 
@@ -40,7 +48,8 @@ class AttentionPoolingHead(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
         d, h = cfg.hidden_size, cfg.num_heads
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.probe = param(rngs, normal_init(1.0), (1, 1, d), (None, None, "embed"), cfg.param_dtype)
+        self.probe = param(rngs, normal_init(1.0), (1, 1, d), (None, None, "embed"), cfg.param_dtype,
+                           role=TOKEN)
         heads = dict(in_axes=("embed",), out_axes=("heads", "head_dim"), use_bias=True, **kw)
         self.q_proj, self.k_proj, self.v_proj = (Linear(d, (h, d // h), **heads) for _ in range(3))
         self.o_proj = Linear((h, d // h), d, in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=True, **kw)
@@ -62,7 +71,7 @@ class SiglipVisionEncoder(nnx.Module):
         d, kw = cfg.hidden_size, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.num_channels, d, use_bias=True, rngs=rngs, **kw)
         self.position_embedding = param(rngs, normal_init(cfg.position_initializer_range), (cfg.grid ** 2, d),
-                                        ("positions", "embed"), cfg.param_dtype)
+                                        ("positions", "embed"), cfg.param_dtype, role=POSITION)
         self.layers = block_stack(cfg, rngs)
         self.post_norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs, **kw)
         self.head = AttentionPoolingHead(cfg, rngs=rngs) if cfg.use_head else None

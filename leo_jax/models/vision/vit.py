@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,19 @@ from flax import nnx
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.attention import Attention, check_attention_impl
-from leo_jax.layers.common import LayerNorm, check_numerics, fan_in_init, param, scan_layers, stack_layers, to_dtype, \
-    zeros_init
+from leo_jax.layers.common import (
+    BIAS,
+    KERNEL,
+    LAYER_SCALE,
+    LayerNorm,
+    check_numerics,
+    fan_in_init,
+    param,
+    scan_layers,
+    stack_layers,
+    to_dtype,
+    zeros_init,
+)
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.sharding import constrain
@@ -94,8 +106,8 @@ class PatchEmbed(nnx.Module):
         self.patch_size, self.in_channels, self.dtype = patch_size, in_channels, to_dtype(dtype)
         self.kernel = param(rngs, fan_in_init(patch_size * patch_size * in_channels),
                             (patch_size, patch_size, in_channels, features),
-                            ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype)
-        self.bias = param(rngs, zeros_init, (features,), ("conv_out",), param_dtype) if use_bias else None
+                            ("kernel_hw", "kernel_hw", "conv_in", "conv_out"), param_dtype, role=KERNEL)
+        self.bias = param(rngs, zeros_init, (features,), ("conv_out",), param_dtype, role=BIAS) if use_bias else None
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         b, h, w, c = pixels.shape
@@ -190,8 +202,8 @@ class ViTBlock(nnx.Module):
             self.ls1 = self.ls2 = None
         else:
             init = jax.nn.initializers.constant(layer_scale_init)
-            self.ls1 = param(rngs, init, (features,), ("norm",), param_dtype)
-            self.ls2 = param(rngs, init, (features,), ("norm",), param_dtype)
+            self.ls1 = param(rngs, init, (features,), ("norm",), param_dtype, role=LAYER_SCALE)
+            self.ls2 = param(rngs, init, (features,), ("norm",), param_dtype, role=LAYER_SCALE)
 
     def __call__(self, x: jax.Array, *, drop_rate: jax.Array | None = None, rng: jax.Array | None = None):
         """x [B, N, D]. With `rng` (training), each residual branch is dropped per sample with `drop_rate`."""
