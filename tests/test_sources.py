@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leo_jax.data import sources, tfds_builder
+from leo_jax.data import sources, to_arrayrecord
 
 RECORDS = [
     {
@@ -167,7 +167,7 @@ def test_array_record_round_trip(dataset_dir, tmp_path):
         f.write("{broken\n")  # dropped at conversion, counted
         f.write(json.dumps({"id": "gone", "image": "coco/missing.jpg", "conversations": RECORDS[1]["conversations"]}))
     root = str(dataset_dir / "images")
-    dataset_path, stats = tfds_builder.build_array_record_dataset(str(ann), str(tmp_path / "tfds"), root)
+    dataset_path, stats = to_arrayrecord.convert(str(ann), str(tmp_path / "tfds"), root, progress=False)
     assert stats == {"converted": 4, "malformed_json": 1, "missing_image": 1}
     assert any(name.startswith("llava_conversations-train.array_record") for name in os.listdir(dataset_path))
 
@@ -188,3 +188,30 @@ def test_array_record_round_trip(dataset_dir, tmp_path):
     assert sources.open_source(dataset_path).__class__ is sources.ArrayRecordSource
     with pytest.raises(FileNotFoundError, match="not a TFDS dataset directory"):
         sources.ArrayRecordSource(str(tmp_path))
+
+
+def test_to_arrayrecord_resumes_a_killed_conversion_and_checks_its_arguments(dataset_dir, tmp_path, capsys):
+    """Shards of 1 record: a run killed while writing shard 2 (its temporary file half written, no counts) resumes
+    there, leaves the finished shards untouched, and gives the same dataset as an uninterrupted run."""
+    ann, root = str(dataset_dir / "ann" / "data.jsonl"), str(dataset_dir / "images")
+    whole, stats = to_arrayrecord.convert(ann, str(tmp_path / "whole"), root, records_per_shard=1, progress=False)
+    assert stats == {"converted": 3}
+    out = tmp_path / "resumed"
+    to_arrayrecord.convert(ann, str(out), root, records_per_shard=1, progress=False)
+    shard_paths = sorted(p for p in out.iterdir() if p.name.startswith("llava_conversations-train.array_record")
+                         and not p.name.endswith(".json"))
+    assert len(shard_paths) == 3
+    (out / "dataset_info.json").unlink()  # killed before the metadata ...
+    os.rename(shard_paths[2], str(shard_paths[2]) + ".tmp")  # ... while shard 2 was still being written
+    os.remove(str(shard_paths[2]) + ".stats.json")
+    (out / (shard_paths[2].name + ".tmp")).write_bytes(b"half a shard")
+    finished = [os.stat(p).st_mtime_ns for p in shard_paths[:2]]
+    to_arrayrecord.main(["--src", ann, "--image-root", root, "--out", str(out), "--records-per-shard", "1"])
+    assert "3 records, count verified" in capsys.readouterr().out
+    assert [os.stat(p).st_mtime_ns for p in shard_paths[:2]] == finished
+    a, b = sources.ArrayRecordSource(whole), sources.ArrayRecordSource(str(out))
+    assert len(a) == len(b) == 3
+    for i in range(3):
+        assert (a[i].conversations, a[i].images, a[i].sample_id) == (b[i].conversations, b[i].images, b[i].sample_id)
+    with pytest.raises(ValueError, match="resume with the same --src, --image-root and --records-per-shard"):
+        to_arrayrecord.convert(ann, str(out), root, records_per_shard=2, progress=False)

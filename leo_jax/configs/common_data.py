@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- where the data is ---------------------------------------------------------------------------------------
     # Comma-separated list of LLaVA .json (array) / .jsonl annotation files or TFDS ArrayRecord dataset directories
-    # (written by `python -m leo_jax.data.tfds_builder`); several are read back to back as one data set.
+    # (written by `python -m leo_jax.data.to_arrayrecord`); several are read back to back as one data set.
     c.train_files = ""
     # Directory the records' `image` paths are relative to; "" = each annotation file's own directory.
     c.image_root = ""

@@ -5,7 +5,7 @@ Two on-disk forms are read:
 * LLaVA JSON / JSONL (LLaVA-Pretrain-558K, LLaVA-665K, Eagle): each record has ``conversations`` (a list of
   ``{"from": "human"|"gpt", "value": ...}`` turns with ``<image>`` placeholders) and optionally ``image``, a path
   or a list of paths relative to an image root. Text-only records simply have no ``image``.
-* ArrayRecord shards written by :mod:`leo_jax.data.tfds_builder` (images stored as encoded bytes).
+* ArrayRecord shards written by :mod:`leo_jax.data.to_arrayrecord` (images stored as encoded bytes).
 
 Both sources return :class:`Record` objects. A record that cannot be parsed does not raise inside the input
 pipeline (that would kill a pod run for one bad line): it carries ``error`` and ``origin`` so the pipeline can
@@ -208,7 +208,7 @@ class LlavaJsonSource:
 
 
 class ArrayRecordSource:
-    """Grain random-access source over ArrayRecord shards written by :mod:`leo_jax.data.tfds_builder`.
+    """Grain random-access source over ArrayRecord shards written by :mod:`leo_jax.data.to_arrayrecord`.
 
     dataset_dir: the TFDS version directory (holding ``dataset_info.json`` and ``*.array_record-*`` shards).
     Reads go through TFDS' ArrayRecord data source (random access, no TensorFlow) and are decoded with the
@@ -219,7 +219,7 @@ class ArrayRecordSource:
         if not os.path.isfile(os.path.join(dataset_dir, "dataset_info.json")):
             raise FileNotFoundError(
                 f"{dataset_dir} is not a TFDS dataset directory (no dataset_info.json); build one with "
-                "`python -m leo_jax.data.tfds_builder`"
+                "`python -m leo_jax.data.to_arrayrecord`"
             )
         self.dataset_dir = dataset_dir
         self.split = split
