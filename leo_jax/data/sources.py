@@ -3,8 +3,9 @@
 Two on-disk forms are read:
 
 * LLaVA JSON / JSONL (LLaVA-Pretrain-558K, LLaVA-665K, Eagle): each record has ``conversations`` (a list of
-  ``{"from": "human"|"gpt", "value": ...}`` turns with ``<image>`` placeholders) and optionally ``image``, a path
-  or a list of paths relative to an image root. Text-only records simply have no ``image``.
+  ``{"from": "human"|"gpt", "value": ...}`` turns with ``<image>`` placeholders; ShareGPT's ``user``/``assistant``
+  roles and a leading ``system`` turn are accepted) and optionally ``image``, a path or a list of paths relative to
+  an image root, and ``system``, a system prompt (ShareGPT style). Text-only records simply have no ``image``.
 * ArrayRecord shards written by :mod:`leo_jax.data.to_arrayrecord` (images stored as encoded bytes).
 
 Both sources return :class:`Record` objects. A record that cannot be parsed does not raise inside the input
@@ -30,6 +31,7 @@ MALFORMED_JSON = "malformed_json"
 MALFORMED_RECORD = "malformed_record"
 
 ROLE_KEY, TEXT_KEY = "from", "value"
+SYSTEM_ROLE = "system"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,16 @@ def record_from_json(obj: Any, image_root: str, origin: str) -> Record:
         names = list(image)
     else:
         return _error_record(origin, MALFORMED_RECORD, "'image' must be a path string or a list of path strings")
+    turns = [{ROLE_KEY: t[ROLE_KEY], TEXT_KEY: t[TEXT_KEY]} for t in conversations]
+    system = obj.get("system")  # ShareGPT-style sets carry the system prompt as a record field
+    if system is not None:
+        if not isinstance(system, str):
+            return _error_record(origin, MALFORMED_RECORD, "'system' must be a string")
+        if turns[0][ROLE_KEY] == SYSTEM_ROLE:
+            return _error_record(origin, MALFORMED_RECORD, "both a 'system' field and a leading system turn")
+        turns.insert(0, {ROLE_KEY: SYSTEM_ROLE, TEXT_KEY: system})
     return Record(
-        conversations=[{ROLE_KEY: t[ROLE_KEY], TEXT_KEY: t[TEXT_KEY]} for t in conversations],
+        conversations=turns,
         images=[os.path.join(image_root, name) for name in names],
         origin=origin,
         sample_id=str(obj.get("id", "")),
