@@ -4,7 +4,8 @@
 
 SPEC 2.4 open points and the defaults chosen here: CoTR pooling 'sum' (config.model.cotr.pooling), scores scaled
 by 1/sqrt(d_i) (cotr.scale), MMoE on down_proj only (llm.mmoe.targets), gates = router probability (mmoe.gate_mode),
-Switch balance loss (trainer weight 0.05).
+Switch balance loss (trainer weight 0.05). Multi-turn data: CoTR and the routers see, for exchange k, the user
+turns 1..k (config.model.conditioning = 'turns_so_far'; see leo_jax.models.leo_mini).
 """
 
 from leo_jax.models.leo_mini import LeoMiniConfig

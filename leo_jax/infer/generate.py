@@ -72,8 +72,9 @@ def left_pad(prompts: list[list[int]], pad_id: int, length: int | None = None) -
 
 
 def prompt_inputs(model: nnx.Module, batch: Mapping[str, jax.Array], lengths: jax.Array):
-    """Left-padded prompt embeddings [B, T, D], segment ids [B, T] and the per-sample routing context, for a batch
-    of one sample per row whose first `lengths[r]` tokens are row r's prompt (the rest is padding or the answer).
+    """Left-padded prompt embeddings [B, T, D], segment ids [B, T], the routing context of new tokens [B, 1, d] and
+    that of the prompt tokens [B, T, d] (None without MMoE), for a batch of one sample per row whose first
+    `lengths[r]` tokens are row r's prompt (the rest is padding or the answer).
 
     The embeddings come from the model's `embed_inputs` on the whole row, exactly as in training (images written
     at the <IMG_CONTEXT> positions, CoTR conditioned on the prompt tokens only); then each row is shifted right so
@@ -85,10 +86,15 @@ def prompt_inputs(model: nnx.Module, batch: Mapping[str, jax.Array], lengths: ja
     valid = source >= 0
     aligned = jnp.take_along_axis(embeds, jnp.clip(source, 0, t - 1)[..., None], axis=1)
     aligned = jnp.where(valid[..., None], aligned, 0).astype(embeds.dtype)
-    if routing is not None:  # per-token context -> the sample's context (one sample per row), taken at its last token
+    prefill_routing = None
+    if routing is not None:
+        # Prompt tokens keep their own per-token context, aligned like the embeddings (a multi-turn prompt's earlier
+        # exchanges are conditioned as in training); new tokens continue the last exchange: its last token's context.
+        prefill_routing = RoutingContext(*(jnp.where(valid[..., None], jnp.take_along_axis(
+            x, jnp.clip(source, 0, t - 1)[..., None], axis=1), 0).astype(x.dtype) for x in routing))
         last = jnp.maximum(lengths - 1, 0)[:, None, None]
         routing = RoutingContext(*(jnp.take_along_axis(x, last, axis=1) for x in routing))
-    return aligned, valid.astype(jnp.int32), routing
+    return aligned, valid.astype(jnp.int32), routing, prefill_routing
 
 
 class DecodeState(NamedTuple):
@@ -102,6 +108,7 @@ class DecodeState(NamedTuple):
 
 
 def _prefill(model: CausalLM, embeds, segment_ids, routing, max_new_tokens: int) -> DecodeState:
+    """routing: the prompt tokens' routing context ([B, T | 1, d]) or None."""
     b, t = segment_ids.shape
     cache = model.init_cache(b, t + max_new_tokens)
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
@@ -122,10 +129,12 @@ def _step(model: CausalLM, state: DecodeState, step_rng, routing, sampling: Samp
 
 
 @partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _generate(graphdef, state, embeds, segment_ids, rng, routing, sampling: SamplingConfig):
-    """New tokens [B, max_new_tokens] of the language model (graphdef, state) for left-padded prompt embeddings."""
+def _generate(graphdef, state, embeds, segment_ids, rng, routing, sampling: SamplingConfig, prefill_routing=None):
+    """New tokens [B, max_new_tokens] of the language model (graphdef, state) for left-padded prompt embeddings;
+    `routing` conditions new tokens, `prefill_routing` (default: `routing`) the prompt tokens."""
     model: CausalLM = nnx.merge(graphdef, state)
-    init = _prefill(model, embeds, segment_ids, routing, sampling.max_new_tokens)
+    init = _prefill(model, embeds, segment_ids, routing if prefill_routing is None else prefill_routing,
+                    sampling.max_new_tokens)
     _, tokens = jax.lax.scan(lambda carry, key: _step(model, carry, key, routing, sampling), init,
                              jax.random.split(rng, sampling.max_new_tokens))
     return tokens.T
@@ -151,9 +160,9 @@ def generate(model: CausalLM, input_ids: np.ndarray, segment_ids: np.ndarray | N
 @partial(jax.jit, static_argnames=("graphdef", "sampling"))
 def _generate_batch(graphdef, states, batch, lengths, rng, sampling: SamplingConfig):
     model = nnx.merge(graphdef, *states)
-    embeds, segments, routing = prompt_inputs(model, batch, lengths)
+    embeds, segments, routing, prefill_routing = prompt_inputs(model, batch, lengths)
     lm_graphdef, lm_state = nnx.split(model.language_model)
-    return _generate(lm_graphdef, lm_state, embeds, segments, rng, routing, sampling)
+    return _generate(lm_graphdef, lm_state, embeds, segments, rng, routing, sampling, prefill_routing)
 
 
 def generate_from_batch(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[str, jax.Array], lengths,
@@ -168,8 +177,8 @@ def generate_from_batch(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[st
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _prefill_batch(graphdef, states, batch, lengths, max_new_tokens: int):
     model = nnx.merge(graphdef, *states)
-    embeds, segments, routing = prompt_inputs(model, batch, lengths)
-    return _prefill(model.language_model, embeds, segments, routing, max_new_tokens), routing
+    embeds, segments, routing, prefill_routing = prompt_inputs(model, batch, lengths)
+    return _prefill(model.language_model, embeds, segments, prefill_routing, max_new_tokens), routing
 
 
 @partial(jax.jit, static_argnames=("lm_graphdef", "sampling"), donate_argnames=("decode_state",))

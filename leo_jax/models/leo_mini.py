@@ -1,6 +1,16 @@
 """LEO-MINI (arXiv 2504.04653): any list of vision experts -> CoTR (64 tokens per image, conditioned on the prompt) ->
 projector -> an LLM whose layers carry MMoE LoRA experts routed by the text and the image.
 
+Multi-turn conversations (`conditioning`, default 'turns_so_far'): the prompt text that conditions CoTR and the
+routers is, for every token of exchange k (its user turn, its images, its answer), the user turns 1..k of its own
+sample; an image is compressed with the user turns up to the one that holds it. Why: an answer must not be
+conditioned on questions asked after it (at inference they do not exist yet), and it may use everything asked so
+far, as its attention already does; with LLaVA data (images in the first turn) every image sees its own question.
+Exchanges are read from the batch itself (a new exchange starts after each supervised answer), so training rows,
+validation rows and the inference engine's prompts (history answers included) give every token the same
+conditioning. Options: 'first_turn' (the first user turn only, for every token and image) and 'all_turns' (every
+user turn of the sample, later ones included: identical on single-turn data, a leak on multi-turn data).
+
 The expert list is configuration: each entry names an encoder kind (leo_jax.models.registry), its config, and the
 options of its host image preprocessor (the data pipeline's; the model receives its uint8 output and normalises it
 with the encoder config's pixel_mean / pixel_std). Token counts and widths are derived from the encoder configs by
@@ -38,6 +48,7 @@ ENCODER_OUTPUTS = {
 }
 PATCH_INPUT_KINDS = ("pix2struct_vision",)  # inputs are flattened patches, standardised on the host
 NORMALISATION_OPTIONS = ("mean", "std", "rescale_factor")  # the encoder config's pixel_mean / pixel_std instead
+CONDITIONING = ("turns_so_far", "first_turn", "all_turns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +99,13 @@ class LeoMiniConfig:
     # Expert names in model order (the order of CoTR's experts and of the projector's input channels); with
     # experts keyed by name it lists every key once.
     expert_order: tuple[str, ...] = ()
+    conditioning: str = "turns_so_far"  # which user turns condition CoTR and the routers (module docstring)
 
     __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
 
     def __post_init__(self):
+        require(self.conditioning in CONDITIONING,
+                f"config.model.conditioning={self.conditioning!r}: use one of {CONDITIONING}")
         require(len(self.experts) > 0, "config.model.experts is empty: LEO-MINI needs at least one vision expert")
         names = [e["name"] for e in self.experts]
         require(len(set(names)) == len(names), f"config.model.experts: duplicate expert names {names}")
@@ -208,6 +222,23 @@ def expert_tokens(spec: VisionExpertConfig, encoder: nnx.Module, pixels: jax.Arr
     return out, mask
 
 
+def exchange_index(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """[B, T] int32: 1 + the number of supervised answers that end before each token within its sample (the
+    exchange it belongs to: its user turn, images, assistant header and answer). Read from `loss_mask` (token t-1
+    predicts an answer token at t), `segment_ids` and `positions` (without them: one sample per row); all 1 when
+    the batch has no `loss_mask`."""
+    segments = batch["segment_ids"]
+    if "loss_mask" not in batch:
+        return jnp.ones(segments.shape, jnp.int32)
+    same = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (1, 0)))  # token t-1 is in t's sample
+    answer = jnp.pad(batch["loss_mask"][:, :-1] > 0, ((0, 0), (1, 0))) & same  # token t is an answer token
+    ended = jnp.pad(answer[:, :-1], ((0, 0), (1, 0))) & ~answer & same  # token t follows an answer's last token
+    count = jnp.cumsum(ended.astype(jnp.int32), axis=1)
+    index = jnp.broadcast_to(jnp.arange(segments.shape[1])[None, :], segments.shape)
+    start = index - batch["positions"] if "positions" in batch else jnp.zeros_like(index)  # each sample's 1st token
+    return 1 + count - jnp.take_along_axis(count, jnp.clip(start, 0, segments.shape[1] - 1), axis=1)
+
+
 class LeoMini(nnx.Module):
     def __init__(self, cfg: LeoMiniConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -235,10 +266,10 @@ class LeoMini(nnx.Module):
         visual token q of each image looks at among the expert's N_i tokens (its token grid, row-major), given the
         image's prompt. The same computation as the forward pass: the weights that make its visual tokens."""
         b, m = batch["image_mask"].shape
-        text, text_mask, _ = self._pooled_prompts(batch, self.llm.embed(batch["input_ids"]))
+        text, has_text, _ = self.conditioning(batch)
         features, masks = self._expert_features(batch)
         weights = self.cotr.attention(features, text.reshape(b * m, 1, -1), feature_masks=masks,
-                                      text_mask=text_mask.reshape(b * m, 1))
+                                      text_mask=has_text.reshape(b * m, 1))
         return {spec.name: w.reshape(b, m, *w.shape[1:]) for spec, w in zip(self.specs, weights)}
 
     def _expert_features(self, batch: Mapping[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
@@ -262,25 +293,44 @@ class LeoMini(nnx.Module):
             masks.append(mask & batch["image_mask"].reshape(b * m, 1))
         return features, masks
 
-    def _pooled_prompts(self, batch: Mapping[str, jax.Array], text_embeds: jax.Array
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(pooled prompt [B, M, 1, d] of the sample owning each image (sum or mean, as CoTR pools), its mask
-        [B, M, 1], the prompt-token mask [B, T] without <IMG_CONTEXT>)."""
-        ids = batch["input_ids"]
+    def conditioning(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The prompt text each image and each token is conditioned on (see `conditioning` in the module docstring):
+        (pooled prompt per image slot [B, M, d] (sum or mean, as CoTR pools), whether it has any prompt token
+        [B, M], mean prompt embedding per token [B, T, d] for the routers), all fp32."""
+        cfg = self.cfg
+        ids, segments = batch["input_ids"], batch["segment_ids"]
+        embeds = self.llm.embed(ids).astype(jnp.float32)
         image_mask = batch["image_mask"]
         image_segments = batch.get("image_segment_ids", jnp.where(image_mask, 1, 0).astype(jnp.int32))
-        prompt = batch["prompt_mask"].astype(bool) & (ids != self.cfg.image_context_id)
-        owner = (prompt[:, None, :] & (batch["segment_ids"][:, None, :] == image_segments[:, :, None])
-                 ).astype(jnp.float32)
-        text = jnp.einsum("bmt,btd->bmd", owner, text_embeds.astype(jnp.float32))
+        prompt = batch["prompt_mask"].astype(bool) & (ids != cfg.image_context_id) & (segments > 0)
+        exchange = exchange_index(batch)
+        context = ids == cfg.image_context_id
+        # the exchange holding each image slot: that of its <IMG_CONTEXT> run (slots fill in row order)
+        slot = (jnp.cumsum(context, axis=1) - 1) // self.cotr.cfg.num_queries
+        at_slot = context[:, None, :] & (slot[:, None, :] == jnp.arange(image_mask.shape[1])[None, :, None])
+        image_exchange = jnp.max(jnp.where(at_slot, exchange[:, None, :], 0), axis=-1)
+        owner = (prompt[:, None, :] & (segments[:, None, :] == image_segments[:, :, None])
+                 & self._sees(exchange[:, None, :], image_exchange[:, :, None])).astype(jnp.float32)
+        text = jnp.einsum("bmt,btd->bmd", owner, embeds)
         if self.cotr.cfg.pooling == "mean":
             text = text / jnp.maximum(jnp.sum(owner, axis=-1, keepdims=True), 1.0)
-        return text[:, :, None, :], jnp.any(owner > 0, axis=-1, keepdims=True), prompt
+        same = (prompt[:, None, :] & (segments[:, None, :] == segments[:, :, None])
+                & self._sees(exchange[:, None, :], exchange[:, :, None])).astype(jnp.float32)
+        token_prompt = jnp.einsum("bts,bsd->btd", same, embeds) / jnp.maximum(jnp.sum(same, -1, keepdims=True), 1.0)
+        return text, jnp.any(owner > 0, axis=-1), token_prompt
+
+    def _sees(self, key_exchange: jax.Array, query_exchange: jax.Array) -> jax.Array:
+        """Whether prompt tokens of exchange `key_exchange` condition what belongs to `query_exchange`."""
+        if self.cfg.conditioning == "turns_so_far":
+            return key_exchange <= query_exchange
+        if self.cfg.conditioning == "first_turn":
+            return key_exchange == 1
+        return jnp.ones(jnp.broadcast_shapes(key_exchange.shape, query_exchange.shape), bool)
 
     def embed_inputs(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
                      deterministic: bool = True) -> tuple[jax.Array, RoutingContext]:
         """Text embeddings with the visual tokens written at the <IMG_CONTEXT> positions, and the MMoE routing
-        context (mean visual token and mean prompt embedding of each token's own sample)."""
+        context (mean visual token of each token's own sample and its prompt conditioning)."""
         del rng, deterministic  # the experts run deterministically (frozen in stages 1 and 3)
         cfg = self.cfg
         ids = batch["input_ids"]
@@ -288,8 +338,8 @@ class LeoMini(nnx.Module):
         text_embeds = self.llm.embed(ids)
         image_mask = batch["image_mask"]
         image_segments = batch.get("image_segment_ids", jnp.where(image_mask, 1, 0).astype(jnp.int32))
-        text, text_mask, prompt = self._pooled_prompts(batch, text_embeds)
-        visual = self.visual_tokens(batch, text, text_mask)
+        text, has_text, token_prompt = self.conditioning(batch)
+        visual = self.visual_tokens(batch, text[:, :, None, :], has_text[:, :, None])
         tokens_per_image = visual.shape[2]
         visual_mask = jnp.repeat(image_mask, tokens_per_image, axis=1)
         visual = visual.reshape(visual.shape[0], -1, visual.shape[-1])
@@ -299,7 +349,7 @@ class LeoMini(nnx.Module):
         routing = RoutingContext(
             visual=per_token_context(visual, jnp.repeat(image_segments, tokens_per_image, axis=1) * visual_mask,
                                      segments),
-            prompt=per_token_context(text_embeds, jnp.where(prompt, segments, 0), segments))
+            prompt=token_prompt)
         return embeds, routing
 
     def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
