@@ -71,7 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.leo.min_tiles = 1
     c.leo.max_tiles = 6  # per sample; split over its images (max_tiles // n_images each), + 1 thumbnail per image
     c.leo.use_thumbnail = True
-    c.leo.max_tiles_per_row = 7  # K: tile slots per batch row (>= max_tiles + 1; more when packing)
+    # Images per sample the rows are sized for: n images get max_tiles // n tiles each + a thumbnail each (the
+    # official rule), so 6 tiles need 7 slots for one image, 8 for two, 9 for three. Samples with more images are
+    # kept when their tiles fit, else skipped and counted (too_many_images).
+    c.leo.max_images_per_sample = 1
+    # K: tile slots per batch row; -1 = derived from max_tiles, max_images_per_sample and use_thumbnail (checked at
+    # start: an explicit value must be at least that); more when packing several samples per row.
+    c.leo.max_tiles_per_row = -1
     c.leo.jpeg_augment = True  # random JPEG re-encoding of the InternViT tiles, training only (LEO recipe)
     c.leo.jpeg_quality_range = (75, 100)  # inclusive, as InternVL's simulate_jpeg_degradation
 

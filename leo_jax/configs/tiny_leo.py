@@ -24,8 +24,10 @@ def get_config():
     config.model.llm = common.encoder_fields(llm)[1]
     config.model.projector = dict(layer_norm=True, act="gelu", dtype="float32")
     config.model.image_context_id = tokenizer.token_to_id("<IMG_CONTEXT>")
-    config.data.leo.max_tiles = 2
-    config.data.leo.max_tiles_per_row = 2
+    # One 56 px tile per image (the synthetic images are square, so a 2-tile budget never tiled them), two images
+    # per sample: rows of 2 tile slots (derived), two-image questions are trained, not skipped.
+    config.data.leo.max_tiles = 1
+    config.data.leo.max_images_per_sample = 2
     config.data.tokenizer = SYNTHETIC_TOKENIZER_PATH
     # LEO's fixed system message alone is 83 tokens of the synthetic tokenizer (byte pieces); a 2-tile question row
     # with its follow-ups then takes up to ~210 tokens

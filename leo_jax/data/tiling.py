@@ -114,3 +114,15 @@ def jpeg_quality_augment(
     degraded = Image.open(buffer)
     degraded.load()
     return degraded
+
+
+def max_tiles_per_sample(max_tiles: int = 6, max_images: int = 1, use_thumbnail: bool = True) -> int:
+    """The most tiles a sample with 1..max_images images can yield: n images of ``tiles_per_image_budget(n)`` tiles
+    each, plus a thumbnail per image whose budget allows more than one tile (6 tiles: 7 for one image, 8 for two)."""
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    worst = 0
+    for n in range(1, max_images + 1):
+        budget = tiles_per_image_budget(n, max_tiles)
+        worst = max(worst, n * (budget + int(use_thumbnail and budget > 1)))
+    return worst

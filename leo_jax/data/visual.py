@@ -67,6 +67,21 @@ class TextOnly:
         return self
 
 
+def tiles_per_row(leo) -> int:
+    """LEO's tile slots per row (`data.leo`): `max_tiles_per_row`, or (-1) the most tiles a sample of up to
+    `max_images_per_sample` images yields under the official split (max_tiles // n per image, + thumbnails); an
+    explicit value below that is an error, since such samples would all be skipped."""
+    max_images = int(leo.get("max_images_per_sample", 1))
+    needed = tiling.max_tiles_per_sample(int(leo.max_tiles), max_images, bool(leo.use_thumbnail))
+    if int(leo.max_tiles_per_row) == -1:
+        return needed
+    if int(leo.max_tiles_per_row) < needed:
+        raise ValueError(f"data.leo.max_tiles_per_row={leo.max_tiles_per_row} is below the {needed} tiles a sample of "
+                         f"up to data.leo.max_images_per_sample={max_images} image(s) can take with "
+                         f"data.leo.max_tiles={leo.max_tiles}: set it to -1 (derived) or >= {needed}")
+    return int(leo.max_tiles_per_row)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeoTiles:
     """LEO: adaptive tiling of each image (its share of `max_tiles`, plus a thumbnail), InternViT + SAM inputs per
@@ -107,7 +122,7 @@ class LeoTiles:
         """The model's tile size and tokens per tile with the options of `data.leo`."""
         leo = data_config.leo
         return cls(tile_size=tile_size, tokens_per_tile=tokens_per_tile, sam_size=int(leo.sam_size) or tile_size,
-                   slots=int(leo.max_tiles_per_row), min_tiles=int(leo.min_tiles), max_tiles=int(leo.max_tiles),
+                   slots=tiles_per_row(leo), min_tiles=int(leo.min_tiles), max_tiles=int(leo.max_tiles),
                    use_thumbnail=bool(leo.use_thumbnail), jpeg_augment=bool(leo.jpeg_augment),
                    jpeg_quality_range=tuple(leo.jpeg_quality_range))
 
