@@ -9,21 +9,18 @@ Writes a LLaVA-style set of distinct ~1000x700 JPEGs (one file per record, as LL
 The page cache is warm for both after the first pass; on a network filesystem the per-file open of the JSON
 source costs more than here, so the raw figure on local disk is a lower bound of the difference.
 
-    python benchmarks/bench_arrayrecord.py [--samples 512] [--batch 4]
+    python -m benchmarks.bench_arrayrecord [--samples 512] [--batch 4]
 """
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.bench_data import bench, bench_config, realistic_image  # noqa: E402
-from leo_jax.data import sources, to_arrayrecord  # noqa: E402
+from benchmarks.bench_data import bench, bench_config, realistic_image
+from leo_jax.data import sources, to_arrayrecord
 
 
 def write_dataset(directory: str, num_samples: int) -> str:
@@ -76,8 +73,8 @@ def main() -> None:
             print(f"raw read     {name:11s}: {records_s:8.0f} records/s  {mb_s:7.1f} MB/s")
         num_batches = args.pipeline_samples // args.batch
         for name, path in (("json+files", data), ("arrayrecord", shards)):
-            config = bench_config(path, "leo_mini", args.batch, workers=0)
-            rate = bench(config, "leo_mini", args.batch, num_batches)
+            config, kind = bench_config(path, "leo_mini", args.batch, workers=0)
+            rate = bench(config, kind, args.batch, num_batches)
             print(f"pipeline     {name:11s}: {rate:8.2f} samples/s (LEO-MINI preprocessing, workers 0)")
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from leo_jax.data import pipeline, sources, templates
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH
-from tests.test_pipeline import _all_batches, _config, _context_id
+from tests.test_pipeline import _config, _context_id, _iterator, _kind
 
 QUESTION = "What are the colors of the bus in the image?"
 ANSWER = "The bus in the image is white and red."
@@ -58,7 +58,7 @@ def _samples(llava_dir, model_kind="leo_mini"):
     """name -> the pipeline's sample dict (or skip marker) for each record."""
     config = _config(llava_dir, "data.jsonl")
     source = sources.open_source(str(llava_dir / "data.jsonl"), str(llava_dir / "images"))
-    transform = pipeline.SampleTransform(config, model_kind, training=False)
+    transform = pipeline.SampleTransform(config, _kind(config, model_kind), training=False)
     return {name: transform(i, (i, source[i])) for i, name in enumerate(RECORDS)}
 
 
@@ -106,7 +106,7 @@ def test_conversations_that_cannot_train_are_a_clear_counted_skip(llava_dir, cap
     caplog.set_level(logging.WARNING, logger=pipeline.logger.name)
     config = _config(llava_dir, "data.jsonl", max_skip_fraction=1.0, global_batch_size=8, eval_batch_size=8)
     config.eval_files, config.eval_image_root = str(llava_dir / "data.jsonl"), str(llava_dir / "images")
-    iterator = pipeline.make_eval_iterator(config, "leo_mini", process_index=0, process_count=1)
+    iterator = _iterator("eval", config, "leo_mini")
     batches = list(iterator)
     metrics = iterator.skip_stats.as_metrics()
     iterator.close()

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from leo_jax.config import load_config
-from leo_jax.data import pipeline, synthetic, tiling
+from leo_jax.data import pipeline, synthetic, tiling, visual
 from leo_jax.models.registry import build_model
-from tests.test_pipeline import _config, _context_id, _write_images
+from tests.test_pipeline import _config, _context_id, _iterator, _write_images
 
 
 def test_row_tile_budget_of_the_official_split():
@@ -32,7 +32,7 @@ def test_two_wide_images_get_their_tiles_in_a_derived_row(tmp_path):
     config = _config(tmp_path, "two.jsonl", eval_batch_size=1, **{"leo.max_images_per_sample": 2,
                                                                   "leo.max_tiles_per_row": -1})
     config.eval_files, config.eval_image_root = str(tmp_path / "two.jsonl"), str(tmp_path / "images")
-    iterator = pipeline.make_eval_iterator(config, "leo", process_index=0, process_count=1)
+    iterator = _iterator("eval", config, "leo")
     batch = next(iterator)
     assert iterator.skip_stats.as_metrics()["data/records_skipped"] == 0
     iterator.close()
@@ -45,7 +45,7 @@ def test_two_wide_images_get_their_tiles_in_a_derived_row(tmp_path):
     config.leo.max_tiles_per_row = 7
     with pytest.raises(ValueError, match="data.leo.max_tiles_per_row=7 is below the 8 tiles .* "
                                          "data.leo.max_images_per_sample=2"):
-        pipeline.make_eval_iterator(config, "leo", process_index=0, process_count=1)
+        _iterator("eval", config, "leo")
 
 
 @pytest.mark.parametrize("preset, kind", [("tiny_leo", "leo"), ("tiny_leo_mini", "leo_mini")])
@@ -59,15 +59,15 @@ def test_synthetic_two_image_questions_train_in_the_tiny_presets(tmp_path, prese
     config.data.update(train_files=str(tmp_path / "data.json"), global_batch_size=16, shuffle=False, num_epochs=1)
     if kind == "leo_mini":
         config.data.leo_mini.max_images_per_row = 2
-    iterator = pipeline.make_train_iterator(config.data, kind, process_index=0, process_count=1)
+    data_kind = visual.for_config(config)
+    iterator = pipeline.make_train_iterator(config.data, data_kind, process_index=0, process_count=1)
     batch = next(iterator)
     stats = iterator.skip_stats.as_metrics()
     iterator.close()
     assert stats["data/records_skipped"] == 0 and stats["data/records_seen"] == len(records)
     rows = batch["sample_index"][:, 0]
     mask_key = "tile_mask" if kind == "leo" else "image_mask"
-    per_image = (config.data.leo.tokens_per_tile if kind == "leo"  # tiny LEO: one tile per image
-                 else config.data.leo_mini.num_query_tokens)
+    per_image = data_kind.tokens_per_tile if kind == "leo" else data_kind.tokens_per_image  # tiny LEO: 1 tile/image
     context = (batch["input_ids"] == config.model.image_context_id).sum(1)
     assert np.isin(rows, two).sum() == len(two)
     for row in np.flatnonzero(np.isin(rows, two)):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from leo_jax.config import load_config
-from leo_jax.data import pipeline, synthetic
+from leo_jax.data import pipeline, synthetic, visual
 from leo_jax.infer.chat import InferenceEngine, Request
 from leo_jax.infer.generate import prompt_inputs
 from leo_jax.models.leo_mini import exchange_index
@@ -33,7 +33,7 @@ def rows(tmp_path_factory):
             f.write(json.dumps({"image": image, "conversations": conversations}) + "\n")
     config = load_config("tiny_leo_mini")
     config.data.update(eval_files=str(out / "turns.jsonl"), eval_image_root=str(out), eval_batch_size=2)
-    iterator = pipeline.make_eval_iterator(config.data, "leo_mini", process_index=0, process_count=1)
+    iterator = pipeline.make_eval_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
     batch = {k: jnp.asarray(v) for k, v in next(iterator).items() if k != "sample_index"}
     iterator.close()
     config.model.llm = {**config.model.llm, "initializer_range": 0.5}  # varied logits at random init

@@ -8,8 +8,17 @@ import math
 import pytest
 import torch
 from flax import nnx
-from transformers import CLIPVisionConfig, CLIPVisionModel, InternVLVisionConfig, InternVLVisionModel, Qwen2Config, \
-    Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel, Trainer
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    InternVLVisionConfig,
+    InternVLVisionModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    Trainer,
+)
 
 from leo_jax.config import load_config
 from leo_jax.models import registry
