@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from leo_jax.checkpoints import load_trained
 from leo_jax.config import load_config
 from leo_jax.convert.api import export_trained
 from leo_jax.data import synthetic
 from leo_jax.infer.chat import InferenceEngine, Request
 from leo_jax.pytorch import LeoMiniForCausalLM, LeoModel
 from leo_jax.pytorch.processing import LeoProcessor
-from leo_jax.train.checkpoint import load_trained
 from leo_jax.train.loop import Trainer
 
 NEW_TOKENS = 6
