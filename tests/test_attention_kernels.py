@@ -20,7 +20,7 @@ from leo_jax.models.llm.decoder import CausalLM, LLMConfig
 from leo_jax.models.vision.clip import CLIPVisionConfig, CLIPVisionEncoder
 from leo_jax.models.vision.pix2struct import Pix2StructVisionConfig, Pix2StructVisionEncoder
 from leo_jax.models.vision.sam import SamVisionConfig, SamVisionEncoder
-from leo_jax.sharding import build_mesh, data_sharding, shard_module
+from leo_jax.sharding import build_mesh, data_sharding, shard_module, tree_shardings
 
 TOL = 2e-5
 
@@ -170,12 +170,11 @@ def test_splash_aot_for_v5p_has_no_t_by_t_buffer():
                     num_kv_heads=2, dtype="bfloat16", max_position_embeddings=t, attention_impl="splash")
     mesh = build_mesh({"ici": {"data": 2, "tensor": 2}}, devices=devices)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
-    from leo_jax.sharding import state_shardings
 
     def loss(state, ids, segments):
         return jnp.mean(nnx.merge(graphdef, state)(ids, segment_ids=segments))
 
-    shardings = state_shardings(state, mesh)
+    shardings = tree_shardings(state, mesh)
     step = jax.jit(jax.grad(loss), in_shardings=(shardings, data_sharding(mesh, 2), data_sharding(mesh, 2)),
                    out_shardings=shardings)
     ids = jax.ShapeDtypeStruct((4, t), jnp.int32)
