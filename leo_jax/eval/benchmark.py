@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from leo_jax.data.sources import LlavaJsonSource
 from leo_jax.eval import metrics
 from leo_jax.infer.chat import InferenceEngine, Request
+from leo_jax.infer.generate import SamplingConfig
 
 AUTO = "auto"
 MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -149,20 +150,24 @@ def read_benchmark(path: str, metric: str = AUTO, limit: int | None = None) -> l
 
 def predict(engine: InferenceEngine, records: Sequence[BenchmarkRecord], *, batch_size: int, max_new_tokens: int,
             progress: Callable[[int, int, float], None] | None = None) -> list[str]:
-    """Greedy answers, `batch_size` questions per generation call (the last batch is filled up with repeats of its
-    last question, so every call has the same shape and compiles once per prompt-length bucket)."""
+    """Greedy answers, `batch_size` questions per generation call (`generate_batched`)."""
+    requests = [Request.single(r.prompt(), r.images, origin=r.origin) for r in records]
+    return generate_batched(engine, requests, engine.sampling(max_new_tokens=max_new_tokens), batch_size, progress)
+
+
+def generate_batched(engine: InferenceEngine, requests: Sequence[Request], sampling: SamplingConfig,
+                     batch_size: int, progress: Callable[[int, int, float], None] | None = None) -> list[str]:
+    """The answer to each request, `batch_size` requests per generation call; the last call is filled up with
+    repeats of its last request, so every call has the same shape and compiles once per prompt-length bucket."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    sampling = engine.sampling(max_new_tokens=max_new_tokens)
     answers: list[str] = []
     started = time.perf_counter()
-    for start in range(0, len(records), batch_size):
-        chunk = list(records[start:start + batch_size])
-        requests = [Request.single(r.prompt(), r.images, origin=r.origin) for r in chunk]
-        requests += [requests[-1]] * (batch_size - len(requests))
-        answers += engine.generate(requests, sampling)[:len(chunk)]
+    for start in range(0, len(requests), batch_size):
+        chunk = list(requests[start:start + batch_size])
+        answers += engine.generate(chunk + [chunk[-1]] * (batch_size - len(chunk)), sampling)[:len(chunk)]
         if progress is not None:
-            progress(len(answers), len(records), time.perf_counter() - started)
+            progress(len(answers), len(requests), time.perf_counter() - started)
     return answers
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 
 from leo_jax.data import packing, pipeline, sources, templates, visual
 from leo_jax.data.templates import decode_answer
-from leo_jax.infer.generate import SamplingConfig, generate_from_batch, stream_from_batch
+from leo_jax.infer.generate import SamplingConfig, continuation_logprobs, generate_from_batch, stream_from_batch
 
 MIN_BUCKET = 64  # shortest padded prompt length; longer prompts pad to the next power of two (<= data.seq_len)
 NO_SLOT_LIMIT = 1 << 20  # visual items per prompt: no fixed limit at inference
@@ -128,6 +128,28 @@ class InferenceEngine:
         sampling = sampling or self.sampling()
         tokens = self.generate_tokens(requests, sampling, seed)
         return [decode_answer(self.tokenizer, row, sampling.eos_ids) for row in tokens]
+
+    def loglikelihood(self, requests: Sequence[Request], continuations: Sequence[str]) -> list[tuple[float, bool]]:
+        """(log P(continuation | request's prompt), whether greedy decoding would produce it) per request. The
+        continuation is the start of the answer turn (leading whitespace dropped, as the template starts the answer
+        fresh) and is scored token by token, without the answer terminator."""
+        if len(requests) != len(continuations):
+            raise InputError(f"{len(requests)} requests but {len(continuations)} continuations")
+        ids = []
+        for index, text in enumerate(continuations):
+            tokens = self.tokenizer.encode(text.lstrip())
+            if not tokens:
+                origin = requests[index].origin or f"request {index}"
+                raise InputError(f"{origin}: the continuation {text!r} has no tokens to score")
+            ids.append(tokens)
+        batch, lengths = self.prepare(requests)
+        width = max(len(t) for t in ids)
+        continuation = np.full((len(ids), width), int(self.tokenizer.pad_id), np.int32)
+        mask = np.zeros((len(ids), width), np.int32)
+        for row, tokens in enumerate(ids):
+            continuation[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+        logprobs, greedy = continuation_logprobs(self.graphdef, (self.state,), batch, lengths, continuation, mask)
+        return [(float(lp), bool(g)) for lp, g in zip(np.asarray(logprobs), np.asarray(greedy))]
 
     def stream_tokens(self, requests: Sequence[Request], sampling: SamplingConfig, seed: int = 0
                       ) -> Iterator[np.ndarray]:

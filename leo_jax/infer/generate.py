@@ -3,8 +3,9 @@ batch work) or a per-token decode step jitted once and driven from the host (str
 function on the same per-step random keys, so they produce the same tokens.
 
 Entry points: `generate` (token ids of a plain LLM), `generate_from_batch` (a data-pipeline batch of any model:
-LEO / LEO-MINI write their visual tokens into the prompt embeddings and condition the MMoE routers) and
-`stream_from_batch` (the same, yielding each step's tokens as they are produced).
+LEO / LEO-MINI write their visual tokens into the prompt embeddings and condition the MMoE routers),
+`stream_from_batch` (the same, yielding each step's tokens as they are produced) and `continuation_logprobs` (the
+log-likelihood of given answers, for multiple-choice scoring).
 """
 
 from __future__ import annotations
@@ -172,6 +173,32 @@ def generate_from_batch(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[st
     (e.g. (trainable, frozen)). One compilation per (model structure, batch shapes, sampling)."""
     rng = jax.random.key(0) if rng is None else rng
     return _generate_batch(graphdef, tuple(states), dict(batch), jnp.asarray(lengths, jnp.int32), rng, sampling)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _continuation_logprobs(graphdef, states, batch, lengths, continuation, continuation_mask):
+    model = nnx.merge(graphdef, *states)
+    embeds, segments, routing = prompt_inputs(model, batch, lengths)
+    lm = model.language_model
+    embeds = jnp.concatenate([embeds, lm.embed(continuation).astype(embeds.dtype)], axis=1)
+    segments = jnp.concatenate([segments, continuation_mask], axis=1)
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0).astype(jnp.int32)
+    logits = lm.forward(embeds, segment_ids=segments, positions=positions, routing=routing).out
+    t = batch["input_ids"].shape[1]
+    predicting = logits[:, t - 1:-1].astype(jnp.float32)  # the prompt's last column predicts the first new token
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(predicting, axis=-1), continuation[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(predicting, axis=-1) == continuation
+    valid = continuation_mask.astype(bool)
+    return jnp.where(valid, logprobs, 0).sum(axis=1), jnp.all(greedy | ~valid, axis=1)
+
+
+def continuation_logprobs(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[str, jax.Array], lengths,
+                          continuation, continuation_mask) -> tuple[jax.Array, jax.Array]:
+    """(log P(continuation | prompt) [B], whether greedy decoding yields the continuation [B]) for a batch laid out
+    as for `generate_from_batch` and right-padded continuation ids [B, C] (mask 1 on tokens): one forward pass over
+    the left-aligned prompt followed by the continuation, conditioned exactly as generation is."""
+    return _continuation_logprobs(graphdef, tuple(states), dict(batch), jnp.asarray(lengths, jnp.int32),
+                                  jnp.asarray(continuation, jnp.int32), jnp.asarray(continuation_mask, jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))

@@ -1,0 +1,26 @@
+"""The `leo_jax` model class that lmms-eval instantiates (`--model leo_jax --model_args pretrained=DIR,...`): lmms-eval's
+`lmms` base class around `leo_jax.eval.lmms.LmmsRequests`. Importing this module needs lmms-eval
+(`pip install '.[eval]'`)."""
+
+from __future__ import annotations
+
+from lmms_eval.api.model import lmms
+
+from leo_jax.eval.lmms import LmmsRequests
+
+
+class LeoJax(LmmsRequests, lmms):
+    """model_args: pretrained (a checkpoint or model directory, required), batch_size (requests per call, default 1),
+    dtype (cast the parameters, e.g. bfloat16). lmms-eval's own `device` and `max_batch_size` are accepted and not
+    used: JAX places the model on its devices."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, batch_size: int | str = 1, dtype: str | None = None, device=None,
+                 max_batch_size=None):
+        from leo_jax.infer.chat import InferenceEngine
+        from leo_jax.train.checkpoint import load_trained
+
+        lmms.__init__(self)
+        model, config = load_trained(pretrained, dtype=dtype)
+        LmmsRequests.__init__(self, InferenceEngine(model, config), batch_size=int(batch_size))
