@@ -1,5 +1,5 @@
-"""The `leo_jax` model class that lmms-eval instantiates (`--model leo_jax --model_args pretrained=DIR,...`): lmms-eval's
-`lmms` base class around `leo_jax.eval.lmms.LmmsRequests`. Importing this module needs lmms-eval
+"""The `leo_jax` model class that lmms-eval instantiates (`--model leo_jax --model_args pretrained=DIR,...`):
+lmms-eval's `lmms` base class around `leo_jax.eval.lmms.LmmsRequests`. Importing this module needs lmms-eval
 (`pip install '.[eval]'`)."""
 
 from __future__ import annotations
