@@ -18,8 +18,8 @@ class LeoJax(LmmsRequests, lmms):
 
     def __init__(self, pretrained: str, batch_size: int | str = 1, dtype: str | None = None, device=None,
                  max_batch_size=None):
-        from leo_jax.infer.chat import InferenceEngine
         from leo_jax.checkpoints import load_trained
+        from leo_jax.infer.chat import InferenceEngine
 
         lmms.__init__(self)
         model, config = load_trained(pretrained, dtype=dtype)

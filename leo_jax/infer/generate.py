@@ -178,10 +178,14 @@ def generate_from_batch(graphdef: nnx.GraphDef, states: tuple, batch: Mapping[st
 @partial(jax.jit, static_argnames=("graphdef",))
 def _continuation_logprobs(graphdef, states, batch, lengths, continuation, continuation_mask):
     model = nnx.merge(graphdef, *states)
-    embeds, segments, routing = prompt_inputs(model, batch, lengths)
+    embeds, segments, routing, prefill_routing = prompt_inputs(model, batch, lengths)
     lm = model.language_model
+    c = continuation.shape[1]
     embeds = jnp.concatenate([embeds, lm.embed(continuation).astype(embeds.dtype)], axis=1)
     segments = jnp.concatenate([segments, continuation_mask], axis=1)
+    if routing is not None:  # prompt tokens: their own context; continuation tokens: as generated tokens
+        routing = RoutingContext(*(jnp.concatenate([p, jnp.repeat(r, c, axis=1)], axis=1)
+                                   for p, r in zip(prefill_routing, routing)))
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0).astype(jnp.int32)
     logits = lm.forward(embeds, segment_ids=segments, positions=positions, routing=routing).out
     t = batch["input_ids"].shape[1]
