@@ -1,6 +1,8 @@
 """`python -m leo_jax.generate --ckpt DIR [--image PATH ...] --prompt TEXT [[--image PATH ...] --prompt TEXT ...]`
 
-Answers with the newest checkpoint under DIR (a training workdir, its checkpoints/ directory or one step directory).
+Answers with the model in DIR: a training workdir (its newest checkpoint), its checkpoints/ directory, one step
+directory, a `convert import-hf` checkpoint or an exported model directory. `--mesh fsdp=8` (or data=2,tensor=4)
+spreads the parameters over the devices by their logical axes.
 Each --prompt takes the --image flags given since the previous --prompt. One prompt: the answer is printed token by
 token as it is generated; several: they run as one left-padded batch and each answer is printed.
 --chat: a conversation on stdin, one user turn per line, the history (previous questions, answers and images) kept;
@@ -55,7 +57,8 @@ def check_image(path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m leo_jax.generate", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="training workdir, its checkpoints/ directory or a step dir")
+    parser.add_argument("--ckpt", required=True, help="training workdir, its checkpoints/ directory, a step dir, an "
+                        "import-hf checkpoint or an exported model directory")
     parser.add_argument("--image", dest="image", action=_Ordered, help="image for the next --prompt (repeatable)")
     parser.add_argument("--prompt", dest="prompt", action=_Ordered, help="a question (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -64,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--system", default=None, help="system prompt (default: the template's)")
     parser.add_argument("--dtype", default=None, help="cast the parameters, e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--mesh", default=None, help="spread the parameters over the devices by their logical axes, "
+                        "e.g. fsdp=8 or data=2,tensor=4 (default: one device)")
     parser.add_argument("--chat", action="store_true", help="read user turns from stdin, keeping the history")
     return parser
 
@@ -131,10 +136,12 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     from leo_jax.infer.chat import InferenceEngine, InputError, Request
-    from leo_jax.checkpoints import load_trained
+    from leo_jax.infer.loading import load_any
+    from leo_jax.sharding import mesh_from_flag
 
     try:
-        model, config = load_trained(args.ckpt, dtype=args.dtype)
+        mesh = None if args.mesh is None else mesh_from_flag(args.mesh)
+        model, config = load_any(args.ckpt, dtype=args.dtype, mesh=mesh)
         engine = InferenceEngine(model, config)
         sampling = engine.sampling(args.max_new_tokens, args.temperature, args.top_p)
         if args.chat:

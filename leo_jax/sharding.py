@@ -114,6 +114,23 @@ def build_mesh(mesh_config: Mapping[str, Any] | None = None, devices: Sequence[A
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_flag(text: str, devices: Sequence[Any] | None = None) -> Mesh:
+    """The mesh of a command-line `--mesh` value: comma-separated `axis=size` over (data, fsdp, tensor), e.g.
+    'fsdp=8' or 'data=2,tensor=4'; one size may be -1 (the devices left over), unnamed axes are 1. 'data:2/tensor:4'
+    is the same, for option strings that reserve ',' and '=' (lmms-eval's model_args)."""
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, (p.strip() for p in text.replace("/", ",").split(","))):
+        name, _, size = part.replace(":", "=").partition("=")
+        if name.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected comma-separated axis=size with axes {MESH_AXES}, e.g. "
+                             "'fsdp=8' or 'data=2,tensor=4'")
+        sizes[name.strip()] = int(size)
+    devices = list(jax.devices() if devices is None else devices)
+    if -1 not in sizes.values() and math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"--mesh {text!r} needs {math.prod(sizes.values())} devices, there are {len(devices)}")
+    return build_mesh({"ici": sizes}, devices)
+
+
 def _resolve_rest(sizes: dict[str, int], total: int, where: str) -> dict[str, int]:
     rest = [a for a, s in sizes.items() if s == -1]
     if len(rest) > 1:

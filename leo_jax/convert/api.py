@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from leo_jax.checkpoints import META_FILE, load_leo_params, load_trained, read_l
 from leo_jax.config import dataclass_from_config
 from leo_jax.convert.core import (NUMPY_DTYPES, ConversionError, Family, HFCheckpoint, SafetensorsWriter, detect_family,
                                   export_tensors, get_family, import_params)
+from leo_jax.data.export_files import PROCESSING_FILES
 from leo_jax.layers.common import dtype_name
+from leo_jax.sharding import build_mesh, tree_shardings
 
 
 def _open(src: str | os.PathLike, family: str | None) -> tuple[HFCheckpoint, Family, Any]:
@@ -25,6 +28,20 @@ def _open(src: str | os.PathLike, family: str | None) -> tuple[HFCheckpoint, Fam
 def abstract_model(family: Family, cfg: Any) -> nnx.Module:
     """The model with ShapeDtypeStructs instead of arrays: nothing is allocated."""
     return nnx.eval_shape(lambda: family.build(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_shardings(family: Family, cfg: Any, mesh: jax.sharding.Mesh | None) -> nnx.State:
+    """Where each parameter of the model goes on `mesh` (by its logical axes; default: the first device)."""
+    mesh = build_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
+    return tree_shardings(nnx.state(abstract_model(family, cfg), nnx.Param), mesh)
+
+
+def copy_processing_files(src: Path, out: Path) -> None:
+    """Copies the tokenizer and preprocessing files a model directory may hold (leo_jax exports do) next to the
+    weights in `out`, so the converted model stays usable for inference alone."""
+    for name in PROCESSING_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(out) / name)
 
 
 def module_from_params(family: Family, cfg: Any, params: dict[str, jax.Array]) -> nnx.Module:
@@ -39,13 +56,18 @@ def _name(dtype: Any, where: str) -> str | None:
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = "float32", param_dtype: Any = "float32",
-            family: str | None = None) -> nnx.Module:
+            family: str | None = None, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """A leo_jax module holding the weights of a Hugging Face directory (family from config.json's model_type).
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters (names or jnp / numpy dtypes)."""
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters (names or jnp / numpy dtypes;
+    None keeps the config's, e.g. a leo_jax export's). With `mesh`, each parameter is read straight onto it, placed
+    by its logical axes."""
     ckpt, fam, cfg = _open(path, family)
-    cfg = fam.with_dtype(cfg, dtype_name(dtype, "dtype"), dtype_name(param_dtype, "param_dtype"))
-    params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
+    cfg = fam.with_dtype(cfg, _name(dtype, "dtype") if dtype is not None else getattr(cfg, "dtype", None),
+                         _name(param_dtype, "param_dtype") if param_dtype is not None
+                         else getattr(cfg, "param_dtype", None))
+    params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param),
+                           param_shardings(fam, cfg, mesh))
     return module_from_params(fam, cfg, params)
 
 
@@ -56,17 +78,27 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, family: str | None
     param_dtype = dtype_name(param_dtype, "param_dtype")
     cfg = fam.with_dtype(cfg, getattr(cfg, "dtype", None), param_dtype)  # whole models: None keeps each part's
     params = import_params(fam, cfg, ckpt, nnx.state(abstract_model(fam, cfg), nnx.Param))
-    return save_leo_checkpoint(out, fam.name, cfg, params, ckpt.config, ckpt.dtype())
+    out = save_leo_checkpoint(out, fam.name, cfg, params, ckpt.config, ckpt.dtype())
+    copy_processing_files(ckpt.path, out)
+    return out
 
 
-def load_leo(ckpt_dir: str | os.PathLike, dtype: Any = None) -> nnx.Module:
-    """A module from a leo_jax checkpoint written by `import_hf`."""
+def load_leo(ckpt_dir: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
+             mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+    """A module from a leo_jax checkpoint written by `import_hf`; `dtype` / `param_dtype` replace the compute /
+    storage dtype when given. With `mesh`, each parameter is restored straight onto it, placed by its logical
+    axes."""
     meta = read_leo_meta(ckpt_dir)
     fam = get_family(meta["family"])
     cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{ckpt_dir}/{META_FILE}:model")
-    if dtype is not None:
-        cfg = fam.with_dtype(cfg, dtype_name(dtype), getattr(cfg, "param_dtype", None))
-    return module_from_params(fam, cfg, load_leo_params(ckpt_dir))
+    if dtype is not None or param_dtype is not None:
+        cfg = fam.with_dtype(cfg, dtype_name(dtype) if dtype is not None else getattr(cfg, "dtype", None),
+                             dtype_name(param_dtype) if param_dtype is not None else getattr(cfg, "param_dtype", None))
+    abstract = {"/".join(map(str, p)): v.get_value() for p, v in
+                nnx.to_flat_state(nnx.state(abstract_model(fam, cfg), nnx.Param))}
+    placement = {"/".join(map(str, p)): s for p, s in nnx.to_flat_state(param_shardings(fam, cfg, mesh))}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement[k]) for k, v in abstract.items()}
+    return module_from_params(fam, cfg, load_leo_params(ckpt_dir, abstract))
 
 
 def export_module(module: nnx.Module, family: str, out: str | os.PathLike, dtype: Any = None,
@@ -131,7 +163,9 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None,
     cfg = dataclass_from_config(fam.config_cls, meta["model"], f"{src}/{META_FILE}:model")
     params = load_leo_params(src)
     dtype = _name(dtype, "dtype") or meta.get("hf_dtype")
-    return _write_hf(fam, cfg, params, out, dtype, meta.get("hf_config", {}), max_shard_bytes)
+    out = _write_hf(fam, cfg, params, out, dtype, meta.get("hf_config", {}), max_shard_bytes)
+    copy_processing_files(Path(src), out)
+    return out
 
 
 def _write_hf(fam: Family, cfg: Any, params: dict, out, dtype: Any, hf_config: dict,

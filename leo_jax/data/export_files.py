@@ -50,3 +50,43 @@ def write_processing_files(model_cfg, data_config, model_kind: str, out: str | P
     write_tokenizer_files(tokenizer, data_config.template, data_config.seq_len, out)
     _write_json(out / "preprocessor_config.json", preprocessor_config(model_cfg, data_config, model_kind))
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+PROCESSING_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "preprocessor_config.json")
+
+
+def _read_json(path: Path, holds: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model directory needs it for {holds} (exports written by "
+                                "`python -m leo_jax.convert export` ship it)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-export the model") from e
+
+
+def read_data_config(model_dir: str | Path):
+    """The `data` options inference needs, rebuilt from the files `write_processing_files` wrote into `model_dir`:
+    the tokenizer (the directory itself), the conversation template and row length (tokenizer_config.json) and
+    LEO's tiling (preprocessor_config.json); the rest are the defaults. Encoder preprocessing comes with the model."""
+    from leo_jax.configs import common_data
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"missing tokenizer: {model_dir} holds neither {model_dir / TOKENIZER_FILES[0]} nor "
+                                f"{TOKENIZER_FILES[1]}; copy the tokenizer the model was trained with into it")
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json", "the conversation template")
+    if not tokenizer_config.get("leo_jax_template"):
+        raise ValueError(f"{model_dir / 'tokenizer_config.json'} lacks 'leo_jax_template' (the training conversation "
+                         "template): re-export the model with leo_jax")
+    pre = _read_json(model_dir / "preprocessor_config.json", "the image preprocessing")
+    data = common_data.get_config()
+    data.tokenizer = str(model_dir)
+    data.template = tokenizer_config["leo_jax_template"]
+    data.seq_len = int(tokenizer_config.get("model_max_length", data.seq_len))
+    tiling = pre.get("tiling")
+    if tiling is not None:
+        data.leo.update(min_tiles=int(tiling["min_tiles"]), max_tiles=int(tiling["max_tiles"]),
+                        use_thumbnail=bool(tiling["use_thumbnail"]))
+    return data

@@ -2,11 +2,12 @@
 registered under the model name `leo_jax`.
 
     pip install '.[eval]'
-    python -m lmms_eval --model leo_jax --model_args pretrained=DIR[,batch_size=8,dtype=bfloat16] \
+    python -m lmms_eval --model leo_jax --model_args pretrained=DIR[,batch_size=8,dtype=bfloat16,mesh=fsdp:8] \
         --tasks TASKS --batch_size 1 --output_path OUT
 
-DIR is anything `python -m leo_jax.eval --ckpt` takes. lmms-eval finds the model through the `lmms_eval.models`
-entry point that the package declares (`manifest` below); the class itself (`leo_jax.eval.lmms_model.LeoJax`) only
+DIR is anything `python -m leo_jax.eval --ckpt` takes: a training workdir or step directory, an import-hf
+checkpoint or an exported model directory (`leo_jax.infer.loading.load_any`). lmms-eval finds the model through
+the `lmms_eval.models` entry point that the package declares (`manifest` below); the class itself (`leo_jax.eval.lmms_model.LeoJax`) only
 adds lmms-eval's base class, so everything here works, and is tested, without lmms-eval installed.
 
 Requests map to the engine as follows: the task's context (`doc_to_text`) is the user turn, its visuals

@@ -10,17 +10,18 @@ from leo_jax.eval.lmms import LmmsRequests
 
 
 class LeoJax(LmmsRequests, lmms):
-    """model_args: pretrained (a checkpoint or model directory, required), batch_size (requests per call, default 1),
-    dtype (cast the parameters, e.g. bfloat16). lmms-eval's own `device` and `max_batch_size` are accepted and not
-    used: JAX places the model on its devices."""
+    """model_args: pretrained (any directory `leo_jax.infer.loading.load_any` takes, required), batch_size (requests
+    per call, default 1), dtype (cast the parameters, e.g. bfloat16), mesh (e.g. fsdp:8 or data:2/tensor:4; default
+    one device). lmms-eval's own `device` and `max_batch_size` are accepted and not used: JAX places the model."""
 
     is_simple = True
 
-    def __init__(self, pretrained: str, batch_size: int | str = 1, dtype: str | None = None, device=None,
-                 max_batch_size=None):
-        from leo_jax.checkpoints import load_trained
+    def __init__(self, pretrained: str, batch_size: int | str = 1, dtype: str | None = None, mesh: str | None = None,
+                 device=None, max_batch_size=None):
         from leo_jax.infer.chat import InferenceEngine
+        from leo_jax.infer.loading import load_any
+        from leo_jax.sharding import mesh_from_flag
 
         lmms.__init__(self)
-        model, config = load_trained(pretrained, dtype=dtype)
+        model, config = load_any(pretrained, dtype=dtype, mesh=None if mesh is None else mesh_from_flag(mesh))
         LmmsRequests.__init__(self, InferenceEngine(model, config), batch_size=int(batch_size))

@@ -30,6 +30,14 @@ def model_classes(kind: str) -> tuple[type, type]:
     return getattr(module, config_name), getattr(module, model_name)
 
 
+def kind_of(cfg: Any) -> str:
+    """The `config.model.kind` whose config dataclass `cfg` is."""
+    for kind in MODEL_KINDS:
+        if isinstance(cfg, model_classes(kind)[0]):
+            return kind
+    raise ValueError(f"{type(cfg).__name__} is the config of no model kind in {sorted(MODEL_KINDS)}")
+
+
 def model_config(model: Mapping[str, Any], where: str = "config.model") -> Any:
     """The validated config dataclass of `config.model` (all fields but `kind`)."""
     model = model.to_dict() if hasattr(model, "to_dict") else dict(model)
