@@ -12,8 +12,17 @@ from flax import nnx
 
 from leo_jax.checkpoints import META_FILE, load_leo_params, load_trained, read_leo_meta, save_leo_checkpoint
 from leo_jax.config import dataclass_from_config
-from leo_jax.convert.core import (NUMPY_DTYPES, ConversionError, Family, HFCheckpoint, SafetensorsWriter, detect_family,
-                                  export_tensors, get_family, import_params)
+from leo_jax.convert.core import (
+    NUMPY_DTYPES,
+    ConversionError,
+    Family,
+    HFCheckpoint,
+    SafetensorsWriter,
+    detect_family,
+    export_tensors,
+    get_family,
+    import_params,
+)
 from leo_jax.data.export_files import PROCESSING_FILES
 from leo_jax.layers.common import dtype_name
 from leo_jax.sharding import build_mesh, tree_shardings

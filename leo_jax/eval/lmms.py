@@ -7,8 +7,9 @@ registered under the model name `leo_jax`.
 
 DIR is anything `python -m leo_jax.eval --ckpt` takes: a training workdir or step directory, an import-hf
 checkpoint or an exported model directory (`leo_jax.infer.loading.load_any`). lmms-eval finds the model through
-the `lmms_eval.models` entry point that the package declares (`manifest` below); the class itself (`leo_jax.eval.lmms_model.LeoJax`) only
-adds lmms-eval's base class, so everything here works, and is tested, without lmms-eval installed.
+the `lmms_eval.models` entry point that the package declares (`manifest` below); the class itself
+(`leo_jax.eval.lmms_model.LeoJax`) only adds lmms-eval's base class, so everything here works, and is tested,
+without lmms-eval installed.
 
 Requests map to the engine as follows: the task's context (`doc_to_text`) is the user turn, its visuals
 (`doc_to_visual`, PIL images) the turn's images (one `<image>` line each, first, unless the context places them);
