@@ -99,22 +99,13 @@ def compile_train_step(config, devices):
     return compiled, time.perf_counter() - started, info
 
 
-def _config_name(argv: list[str]) -> str:
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m leo_jax.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training preset (with a `train` section)")
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-128, v5e-256, v6e-64 or v5p:4x4x4")
     parser.add_argument("--num-slices", type=int, default=1)
-    from leo_jax.config import parse_cli
+    from leo_jax.config import config_name, parse_cli
 
     config, args = parse_cli(parser, argv)
     try:
@@ -137,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     devices = topology.devices
     kind = devices[0].device_kind
-    print(f"topology {args.topology} -> {name}: {len(devices)} devices ({kind}); preset {_config_name(argv)}")
+    print(f"topology {args.topology} -> {name}: {len(devices)} devices ({kind}); preset {config_name(argv)}")
     compiled, seconds, info = compile_train_step(config, devices)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

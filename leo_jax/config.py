@@ -122,6 +122,16 @@ def config_from_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, li
     return load_config(name, overrides, arg or None), rest
 
 
+def config_name(argv: Sequence[str]) -> str:
+    """The `--config` value of a command line as given (for printing), '?' without one."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "?"
+
+
 def parse_cli(parser, argv: Sequence[str]):
     """(config, args) for a command line with `--config NAME|PATH[:arg]`, `--config.x=v` overrides and the parser's
     other flags; `--help` prints the parser's help and exits 0; config errors exit through `parser.error`."""

@@ -26,6 +26,7 @@ from leo_jax.models.visual_tokens import check_context_tokens, scatter_visual_to
 
 @dataclasses.dataclass(frozen=True)
 class LeoConfig:
+    visual_count = "tiles"  # the batch count (metrics.batch_counts) that forward_flops takes
     intern_vit: dict
     sam: dict
     llm: dict
@@ -79,14 +80,21 @@ class LeoConfig:
     def visual_tokens_per_image(self) -> str:
         return f"{self.tokens_per_tile()} per tile, 1-7 tiles: {self.tokens_per_tile()}..{7 * self.tokens_per_tile()}"
 
-    def forward_flops(self, seq_len: int, tiles: int = 7) -> float:
-        """Forward FLOPs per sample: the LLM at `seq_len` tokens, plus both encoders and projectors on `tiles`
-        tiles (the full 6 + thumbnail by default)."""
+    def visual_tokens(self, tiles: float) -> float:
+        """Visual tokens the LLM reads for `tiles` tiles."""
+        return tiles * self.tokens_per_tile()
+
+    def tile_forward_flops(self) -> float:
+        """Forward FLOPs of one tile: both encoders and both projectors."""
         per_encoder = self.tokens_per_tile() // 2
-        per_tile = (self.intern_vit_config.forward_flops() + self.sam_config.forward_flops()
-                    + self.projector_config(self.intern_features).forward_flops(per_encoder)
-                    + self.projector_config(self.sam_features).forward_flops(per_encoder))
-        return self.llm_config.forward_flops(seq_len) + tiles * per_tile
+        return (self.intern_vit_config.forward_flops() + self.sam_config.forward_flops()
+                + self.projector_config(self.intern_features).forward_flops(per_encoder)
+                + self.projector_config(self.sam_features).forward_flops(per_encoder))
+
+    def forward_flops(self, seq_len: int, tiles: float = 7) -> float:
+        """Forward FLOPs per sample: the LLM at `seq_len` tokens (visual tokens included) plus `tiles` tiles (real
+        tiles only; the default is a full 6 + thumbnail image)."""
+        return self.llm_config.forward_flops(seq_len) + tiles * self.tile_forward_flops()
 
 
 class Leo(nnx.Module):

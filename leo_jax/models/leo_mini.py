@@ -91,6 +91,7 @@ class LeoMiniConfig:
     """`experts` in model order (each with its `name`). Config files key them by name (so
     `--config.model.experts.clip.encoder.num_layers=4` works) and give the order in `expert_order`."""
 
+    visual_count = "images"  # the batch count (metrics.batch_counts) that forward_flops takes
     experts: tuple[dict, ...]
     llm: dict
     cotr: dict  # CoTRConfig fields except expert_widths / expert_tokens / text_width (derived)
@@ -160,12 +161,21 @@ class LeoMiniConfig:
     def visual_tokens_per_image(self) -> int:
         return int(self.cotr.get("num_queries", CoTRConfig.__dataclass_fields__["num_queries"].default))
 
-    def forward_flops(self, seq_len: int) -> float:
-        """Forward FLOPs per sample with one image and `seq_len` tokens: LLM (incl. its visual tokens) + CoTR +
-        projector + every vision expert at its configured image size."""
-        flops = self.llm_config.forward_flops(seq_len) + self.cotr_config.forward_flops(seq_len)
-        flops += self.projector_config.forward_flops(self.visual_tokens_per_image())
+    def visual_tokens(self, images: float) -> float:
+        """Visual tokens the LLM reads for `images` images."""
+        return images * self.visual_tokens_per_image()
+
+    def image_forward_flops(self, text_len: int) -> float:
+        """Forward FLOPs of one image: every vision expert at its configured image size, CoTR conditioned on
+        `text_len` tokens, and the projector."""
+        flops = self.cotr_config.forward_flops(text_len) + self.projector_config.forward_flops(
+            self.visual_tokens_per_image())
         return flops + sum(spec.encoder_config().forward_flops() for spec in self.expert_configs)
+
+    def forward_flops(self, seq_len: int, images: float = 1) -> float:
+        """Forward FLOPs per sample with `seq_len` tokens (visual tokens included) and `images` real images: the LLM
+        plus each image's experts, CoTR and projector."""
+        return self.llm_config.forward_flops(seq_len) + images * self.image_forward_flops(seq_len)
 
 
 def keyed_experts(experts: Mapping[str, Any], order: tuple[str, ...], where: str) -> tuple[dict, ...]:

@@ -158,7 +158,8 @@ class Trainer:
         self.iterator = None
         self._train_step = None
         self._evaluator = None
-        self._pending: list[tuple[int, dict, int]] = []  # (step, device metrics, padded length)
+        # (step, device metrics, padded length, the step's process-local tokens / images / tiles)
+        self._pending: list[tuple[int, dict, int, dict]] = []
         self._counts = {"tokens": 0.0, "images": 0.0, "tiles": 0.0}
         self._last_log = None
         self.last_eval: dict[str, float] = {}
@@ -247,7 +248,8 @@ class Trainer:
                     break
                 if step == start:
                     self._preflight(batch)
-                for key, value in metrics_lib.batch_counts(batch).items():
+                counts = metrics_lib.batch_counts(batch)
+                for key, value in counts.items():
                     self._counts[key] += value
                 local = device_batch(batch)
                 if jitted is None:
@@ -255,7 +257,7 @@ class Trainer:
                     jitted = jit_train_step(self._train_step, self.state_shardings, shapes, self.mesh)
                 self.state, step_metrics = jitted(self.state, pipeline.to_global_batch(local, self.mesh, batch_spec))
                 done = step + 1
-                self._pending.append((done, step_metrics, int(batch["input_ids"].shape[1])))
+                self._pending.append((done, step_metrics, int(batch["input_ids"].shape[1]), counts))
                 last = done == self.total_steps
                 if done % self.train_cfg.log_every == 0 or last:
                     self._log()
@@ -302,10 +304,10 @@ class Trainer:
         """Fetches the pending step metrics (the only host sync), stops on a non-finite loss, writes a record."""
         if not self._pending:
             return
-        fetched = [(s, jax.device_get(m), length) for s, m, length in self._pending]
+        fetched = [(s, jax.device_get(m), length, counts) for s, m, length, counts in self._pending]
         self._pending = []
         self.checkpointer.check_for_errors()  # a failed background write stops the run now, not at the next save
-        for step, values, _ in fetched:
+        for step, values, _, _ in fetched:
             watched = {k: float(values[k]) for k in LOSS_KEYS if k in values}
             if int(values.get("visual_token_mismatch", 0)):
                 raise ValueError(f"step {step}: {int(values['visual_token_mismatch'])} batch rows have a number of "
@@ -319,7 +321,7 @@ class Trainer:
         elapsed = now - self._last_log[0]
         steps = step - self._last_log[1]
         self._last_log = (now, step)
-        scalars = metrics_lib.to_scalars({k: np.mean([np.asarray(v[k]) for _, v, _ in fetched], axis=0)
+        scalars = metrics_lib.to_scalars({k: np.mean([np.asarray(v[k]) for _, v, _, _ in fetched], axis=0)
                                           for k in fetched[-1][1]})
         scalars["learning_rate"] = float(fetched[-1][1]["learning_rate"])
         processes = jax.process_count()
@@ -331,8 +333,9 @@ class Trainer:
         self._counts = dict.fromkeys(self._counts, 0.0)
         scalars.update(self.iterator.skip_stats.as_metrics())
         scalars.update(self.iterator.skip_stats.window_metrics())
-        flops = np.mean([metrics_lib.train_flops_per_step(self.model_cfg, length, int(
-            self.config.data.global_batch_size), self.num_params) for _, _, length in fetched])
+        flops = np.mean([metrics_lib.train_flops_per_step(  # counts: this process's share, times the processes
+            self.model_cfg, length, int(self.config.data.global_batch_size), self.num_params,
+            {k: v * processes for k, v in counts.items()}) for _, _, length, counts in fetched])
         scalars["perf/tflops_per_second"] = flops / seconds_per_step / 1e12
         peak = metrics_lib.peak_flops_per_device(self.train_cfg.peak_flops_per_device)
         if peak:

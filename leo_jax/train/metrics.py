@@ -2,11 +2,11 @@
 
 FLOPs formula (model FLOPs, as MaxText / PaLM count them; rematerialisation is not counted):
     train FLOPs per step = 3 * forward FLOPs per row * rows per step
-where forward FLOPs per row = `cfg.forward_flops(seq_len)` of the model config when it has one (LLM: 2 * T * matmul
-weights + causal attention 2 * L * H * D * T^2; LEO / LEO-MINI add their vision encoders, CoTR and projectors),
-else 2 * N * T with N the parameter count. The factor 3 is forward + backward (activation and weight gradients);
-frozen parameters need no weight gradient, so for partly frozen stages this overstates the work done (an MFU upper
-bound), as is usual in MFU reporting.
+where forward FLOPs per row = `cfg.forward_flops(seq_len[, tiles or images])` of the model config when it has one
+(LLM: 2 * T * matmul weights + causal attention 2 * L * H * D * T^2; LEO / LEO-MINI add their vision encoders, CoTR
+and projectors for the real tiles / images of the batch), else 2 * N * T with N the parameter count. The factor 3
+is forward + backward (activation and weight gradients); frozen parameters need no weight gradient, so for partly
+frozen stages this overstates the work done (an MFU upper bound), as is usual in MFU reporting.
     MFU = train FLOPs per step / (step time * devices * peak FLOP/s per device)
 """
 
@@ -47,14 +47,23 @@ def peak_flops_per_device(configured: float = 0.0, device_kind: str | None = Non
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
-def forward_flops_per_row(model_cfg: Any, seq_len: int, num_params: int) -> float:
+def forward_flops_per_row(model_cfg: Any, seq_len: int, num_params: int, visual: float | None = None) -> float:
+    """Forward FLOPs of one row of `seq_len` tokens; `visual` = that row's (mean) number of tiles or images (the
+    model config's `visual_count`), else the config's default."""
     if hasattr(model_cfg, "forward_flops"):
+        if visual is not None and hasattr(model_cfg, "visual_count"):
+            return float(model_cfg.forward_flops(seq_len, visual))
         return float(model_cfg.forward_flops(seq_len))
     return 2.0 * num_params * seq_len
 
 
-def train_flops_per_step(model_cfg: Any, seq_len: int, rows: int, num_params: int) -> float:
-    return 3.0 * forward_flops_per_row(model_cfg, seq_len, num_params) * rows
+def train_flops_per_step(model_cfg: Any, seq_len: int, rows: int, num_params: int,
+                         counts: Mapping[str, float] | None = None) -> float:
+    """Train FLOPs of a step of `rows` rows; `counts` = the step's real tiles / images (`batch_counts` over the
+    global batch) so vision work is counted for the images present, not for every slot."""
+    unit = getattr(model_cfg, "visual_count", None)
+    visual = counts[unit] / rows if counts and unit in counts else None
+    return 3.0 * forward_flops_per_row(model_cfg, seq_len, num_params, visual) * rows
 
 
 def batch_counts(batch: Mapping[str, np.ndarray]) -> dict[str, float]:

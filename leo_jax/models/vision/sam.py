@@ -113,7 +113,7 @@ class SamVisionConfig:
             if self.is_global(layer):
                 flops += 4 * n * n * d
             else:
-                windows = -(-g // self.window_size) ** 2
+                windows = (-(-g // self.window_size)) ** 2  # ceil(g / window) per side, squared
                 flops += windows * 4 * self.window_size ** 4 * d
         c = self.output_channels
         return float(flops + 2 * n * d * c + 2 * n * 9 * c * c)
