@@ -1,15 +1,19 @@
-"""Train-step throughput of a preset's LLM for each `attention_impl`, and of the same model in PyTorch.
+"""Train-step throughput of a preset for each `attention_impl`, and of the same model in PyTorch.
 
-The JAX side is the trainer's own jitted step (leo_jax.train: AdamW, loss, donation, shardings on a mesh over all
-devices) on random token batches; the LLM of a LEO / LEO-MINI preset is taken alone (the step trains text only, so
-no images/s is measured), optionally cut to `--layers` layers so it fits one accelerator. The PyTorch side is the
-same architecture as leo_jax.pytorch builds it (InternLM2 written there; Llama / Qwen2 from transformers) with an
-AdamW step on the same batch and device kind, in bf16 autocast when the JAX compute dtype is bf16. Compilation and
-the first steps are excluded. Prints step time, tokens/s, MFU (model FLOPs of leo_jax.train.metrics over the
-device peak, when known) and peak device memory per implementation, then the JAX / PyTorch throughput ratio.
+The JAX side is the trainer's own jitted step (leo_jax.train: AdamW, loss, balance loss, donation, shardings on a
+mesh over all devices) on a random batch in the data contract of the preset's model kind: text rows for an LLM;
+for LEO-MINI / LEO every image slot filled (images or tiles) with the matching <IMG_CONTEXT> runs in the prompt, so
+the whole multimodal step (vision encoders, CoTR / projectors, LLM) runs. `--layers N` cuts the LLM to N layers so a
+model fits one accelerator. `attention_impl` is set on the LLM and every encoder that has one. The PyTorch side is
+the same model as leo_jax.pytorch builds it from the export config (LEO-MINI: LeoMiniForCausalLM; an LLM: InternLM2
+written there, Llama / Qwen2 from transformers) with an AdamW step on the same batch and device kind, in bf16
+autocast when the JAX compute dtype is bf16. Compilation and the first steps are excluded. Prints step time,
+tokens/s, images/s, MFU (model FLOPs of leo_jax.train.metrics for the batch's images over the device peak, when
+known) and peak device memory per implementation, then the JAX / PyTorch throughput ratio.
 
+    python -m benchmarks.bench_step --config leo_mini_llama3_8b_stage2 --layers 8 --batch 8 --impls xla,auto
     python -m benchmarks.bench_step --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
-    python -m benchmarks.bench_step --quick   # tiny CPU check (xla vs splash in interpret mode)
+    python -m benchmarks.bench_step --quick   # tiny CPU check: tiny LEO-MINI, xla vs splash in interpret mode
 """
 import argparse
 import sys
@@ -19,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from leo_jax.aot import batch_shapes
 from leo_jax.config import load_config
+from leo_jax.data import visual
 from leo_jax.layers.attention import attention_kernel
-from leo_jax.models.llm.decoder import LLMConfig
-from leo_jax.models.registry import build_model
+from leo_jax.models.registry import build_model, model_config
 from leo_jax.sharding import build_mesh
 from leo_jax.train.config import TrainConfig
 from leo_jax.train.metrics import peak_flops_per_device, train_flops_per_step
@@ -30,25 +35,54 @@ from leo_jax.train.optimizer import TrainableFilter, count_params, make_optimize
 from leo_jax.train.state import create_train_state
 from leo_jax.train.step import jit_train_step, make_train_step
 
-QUICK = dict(config="tiny_llm", layers=1, batch=2, seq=128, steps=2, warmup=1, impls="xla,splash")
+QUICK = dict(config="tiny_leo_mini_train", layers=1, batch=2, seq=96, steps=2, warmup=1, impls="xla,splash")
 
 
-def llm_fields(config) -> dict:
-    """The LLM section of a preset: `config.model` itself for an LLM preset, `config.model.llm` for LEO models."""
-    model = config.model.to_dict()
-    if model["kind"] == "llm":
-        return {k: v for k, v in model.items() if k != "kind"}
-    if "llm" in model:
-        return dict(model["llm"])
-    raise SystemExit(f"--config: preset's model kind {model['kind']!r} has no LLM; use an LLM, LEO or LEO-MINI preset")
+def llm_of(model: dict) -> dict:
+    """The LLM fields of a model config dict: the dict itself for an LLM, its `llm` entry for LEO models."""
+    return model if model["kind"] == "llm" else model["llm"]
 
 
-def random_batch(cfg: LLMConfig, batch: int, seq: int) -> dict:
+def with_impl(node, impl: str):
+    """The model config dict with `attention_impl` set to `impl` wherever a (sub)config has that field."""
+    if isinstance(node, dict):
+        return {k: impl if k == "attention_impl" else with_impl(v, impl) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(with_impl(v, impl) for v in node)
+    return node
+
+
+def random_batch(config, model_fields: dict, batch: int, seq: int) -> tuple[dict, int]:
+    """(numpy batch, images or tiles in it) in the data contract of the model's kind, every image slot real: each row
+    starts with its <IMG_CONTEXT> runs, then random text; the first half of the text is prompt, the rest answer."""
+    cfg = model_config(model_fields)
+    config.data.update(global_batch_size=batch, seq_len=seq)
+    shapes = batch_shapes(config, visual.for_model(cfg, config.data))
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32)
-    return dict(input_ids=ids[:, :-1], labels=ids[:, 1:], loss_mask=np.ones((batch, seq), np.float32),
-                segment_ids=np.ones((batch, seq), np.int32),
-                positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy())
+    vocab = llm_of(model_fields)["vocab_size"]
+    out = {}
+    for key, spec in shapes.items():
+        if spec.dtype == np.uint8:
+            out[key] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+        elif np.issubdtype(spec.dtype, np.floating):
+            out[key] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        else:
+            out[key] = np.ones(spec.shape, spec.dtype)
+    context = int(model_fields.get("image_context_id", -1))
+    ids = rng.integers(3, vocab, size=(batch, seq + 1)).astype(np.int32)
+    ids[ids == context] = 3
+    slots = shapes["image_mask" if "image_mask" in shapes else "tile_mask"].shape[1] if context >= 0 else 0
+    visual_tokens = int(cfg.visual_tokens(slots)) if slots else 0
+    if visual_tokens + 2 > seq:
+        raise SystemExit(f"--seq {seq}: a row needs more than its {visual_tokens} visual tokens ({slots} "
+                         f"{cfg.visual_count}); raise --seq")
+    ids[:, 1:1 + visual_tokens] = context
+    prompt = np.zeros((batch, seq), bool)
+    prompt[:, :visual_tokens + 1 + (seq - visual_tokens) // 2] = True
+    out.update(input_ids=ids[:, :-1], labels=ids[:, 1:], loss_mask=(~prompt).astype(np.float32), prompt_mask=prompt,
+               segment_ids=np.ones((batch, seq), np.int32),
+               positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy())
+    return out, batch * slots
 
 
 def peak_memory() -> str:
@@ -57,20 +91,21 @@ def peak_memory() -> str:
     return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
-def bench_jax(fields: dict, impl: str, batch_np: dict, args) -> float:
+def bench_jax(config, impl: str, batch_np: dict, images: int, args) -> float:
     """Seconds per step of the trainer's jitted step with `attention_impl=impl` (printed with its figures)."""
-    cfg = LLMConfig(**{**fields, "attention_impl": impl})
+    fields = with_impl(config.model.to_dict(), impl)
+    cfg = model_config(fields)
     train = TrainConfig.from_config({"steps": args.steps + args.warmup, "learning_rate": 1e-5})
     tx, schedule = make_optimizer(train, train.steps)
     mesh = build_mesh({"ici": {"fsdp": -1, "data": 1}})
-    build = lambda rngs: build_model({"kind": "llm", **fields, "attention_impl": impl}, rngs)  # noqa: E731
     filt = TrainableFilter((".*",), ())
-    graphdef, state, shardings = create_train_state(build, filt, tx, 0, mesh)
+    graphdef, state, shardings = create_train_state(lambda rngs: build_model(fields, rngs), filt, tx, 0, mesh)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-    step = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1, balance_loss_weight=0.0),
-                          shardings, {k: v for k, v in batch.items()}, mesh)
+    weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
+    step = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1, balance_loss_weight=weight),
+                          shardings, batch, mesh)
     with jax.set_mesh(mesh):
-        kernel = attention_kernel(impl, cfg.splash_block).name
+        kernel = attention_kernel(impl, llm_of(fields).get("splash_block", 512)).name
         for _ in range(args.warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
@@ -79,41 +114,78 @@ def bench_jax(fields: dict, impl: str, batch_np: dict, args) -> float:
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / args.steps
+    if int(metrics.get("visual_token_mismatch", 0)):
+        raise SystemExit("bench batch: <IMG_CONTEXT> runs and image slots disagree (a bug in random_batch)")
     b, t = batch_np["input_ids"].shape
-    params = count_params(state.trainable)
-    flops = train_flops_per_step(cfg, t, b, params)
+    unit = getattr(cfg, "visual_count", None)
+    flops = train_flops_per_step(cfg, t, b, count_params(state.trainable), {unit: images} if unit else None)
     peak = peak_flops_per_device(0.0)
     mfu = "n/a (no peak FLOPs for this device)" if peak is None else \
         f"{100 * flops / seconds / (peak * jax.device_count()):.1f}%"
+    per_second = f"{images / seconds:8.2f} {unit}/s" if unit else "images/s n/a (text-only model)"
     print(f"jax attention_impl={impl:<6} ({kernel:<6}) step {seconds:8.4f} s  {b * t / seconds:10.1f} tokens/s  "
-          f"images/s n/a (text-only step)  MFU {mfu}  peak memory {peak_memory()}")
+          f"{per_second}  MFU {mfu}  peak memory {peak_memory()}")
     return seconds
 
 
-def bench_torch(fields: dict, batch_np: dict, args) -> float | None:
-    """Seconds per step of the PyTorch model (AdamW, cross-entropy) on the same batch; None without torch."""
+def torch_model_and_inputs(config, batch_np: dict):
+    """(PyTorch model built from the export config, forward kwargs, labels) for the batch; LLMs and LEO-MINI."""
+    import torch
+
+    cfg = model_config(config.model.to_dict())
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+    ids = t(batch_np["input_ids"]).long()
+    labels = t(batch_np["labels"]).long().masked_fill(~t(batch_np["loss_mask"] > 0), -100)
+    if config.model.kind == "llm":
+        from leo_jax.convert.llm import _llm_config_to_hf as llm_config_to_hf
+        from leo_jax.pytorch.leo import build_language_model
+        return build_language_model(llm_config_to_hf(cfg, {})), dict(input_ids=ids), labels
+    if config.model.kind == "leo_mini":
+        from leo_jax.convert.leo_mini import config_to_hf
+        from leo_jax.models.leo_mini import PATCH_INPUT_KINDS
+        from leo_jax.pytorch.leo_mini import LeoMiniForCausalLM
+
+        images, patch_masks = {}, {}
+        for spec in cfg.expert_configs:  # the encoders' inputs, preprocessed once outside the timed steps
+            x = batch_np[spec.batch_key]
+            if spec.kind in PATCH_INPUT_KINDS:
+                images[spec.name], patch_masks[spec.name] = t(x), t(batch_np[f"patch_mask_{spec.name}"])
+            else:
+                images[spec.name] = t(spec.preprocessor().device(jnp.asarray(x))).permute(0, 1, 4, 2, 3)
+        inputs = dict(input_ids=ids, images=images, patch_masks=patch_masks,
+                      attention_mask=t(batch_np["segment_ids"] > 0), prompt_mask=t(batch_np["prompt_mask"]),
+                      image_mask=t(batch_np["image_mask"]))
+        return LeoMiniForCausalLM(config_to_hf(cfg, {})), inputs, labels
+    raise SystemExit(f"--config: no PyTorch training step for model kind {config.model.kind!r} here (LLM and "
+                     "LEO-MINI); use --no-torch")
+
+
+def bench_torch(config, batch_np: dict, images: int, args) -> float | None:
+    """Seconds per step of the PyTorch model (AdamW, cross-entropy [+ balance loss]) on the same batch; None without
+    torch."""
     try:
         import torch
     except ImportError:
         print("pytorch: not installed, no ratio")
         return None
-    from leo_jax.convert.llm import _llm_config_to_hf as llm_config_to_hf
-    from leo_jax.pytorch.leo import build_language_model
-
-    cfg = LLMConfig(**fields)
+    model, inputs, labels = torch_model_and_inputs(config, batch_np)
     platform = jax.devices()[0].platform
     device = "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
-    model = build_language_model(llm_config_to_hf(cfg, {})).to(device)
+    move = lambda v: {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v.to(device)  # noqa: E731
+    model, inputs, labels = model.to(device).train(), move(inputs), labels.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.from_numpy(batch_np["input_ids"]).long().to(device)
-    labels = torch.from_numpy(batch_np["labels"]).long().to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    bf16 = llm_of(config.model.to_dict()).get("dtype", "bfloat16") == "bfloat16"
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
 
     def step():
         with autocast:
-            out = model(input_ids=ids)
+            out = model(**inputs)
             logits = out if torch.is_tensor(out) else out.logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                     ignore_index=-100)
+            if weight and hasattr(model, "balance_loss"):
+                loss = loss + weight * model.balance_loss(inputs["attention_mask"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,19 +200,21 @@ def bench_torch(fields: dict, batch_np: dict, args) -> float | None:
         step()
     sync()
     seconds = (time.perf_counter() - start) / args.steps
-    b, t = ids.shape
+    b, t = labels.shape
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a"
-    print(f"pytorch {type(model).__name__} on {device}: step {seconds:8.4f} s  {b * t / seconds:10.1f} tokens/s  "
-          f"peak memory {memory}")
+    per_second = f"  {images / seconds:8.2f} images/s" if images else ""
+    print(f"pytorch {type(model).__name__} on {device}: step {seconds:8.4f} s  {b * t / seconds:10.1f} tokens/s"
+          f"{per_second}  peak memory {memory}")
     return seconds
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="llama3_8b", help="LLM, LEO or LEO-MINI preset (its LLM is benchmarked)")
+    parser.add_argument("--config", default="llama3_8b",
+                        help="LLM, LEO-MINI or LEO preset (a training stage or a model)")
     parser.add_argument("--layers", type=int, default=0, help="cut the LLM to this many layers (0 = all)")
     parser.add_argument("--batch", type=int, default=1, help="rows per step (global)")
-    parser.add_argument("--seq", type=int, default=2048, help="tokens per row")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per row (visual tokens included)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--impls", default="xla,auto", help="comma-separated attention_impl values")
@@ -150,24 +224,24 @@ def main(argv=None) -> int:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    fields = llm_fields(load_config(args.config))
+    config = load_config(args.config)
+    llm = llm_of(config.model)
     if args.layers:
-        fields["num_layers"] = args.layers
-    if args.quick:
-        fields.update(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=256,
-                      dtype="float32")
-    cfg = LLMConfig(**fields)
-    if args.seq > cfg.max_position_embeddings:
-        fields["max_position_embeddings"] = args.seq
-    print(f"{args.config}: LLM {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads "
-          f"({cfg.num_kv_heads} KV), {cfg.dtype}; batch {args.batch} x {args.seq} tokens; "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+        llm.num_layers = args.layers
+    if args.seq > llm.get("max_position_embeddings", args.seq):
+        llm.max_position_embeddings = args.seq
+    if "image_context_id" in config.model and config.model.image_context_id < 0:
+        config.model.image_context_id = 3  # a preset without its tokenizer's id: any id of the vocabulary
     if args.batch % jax.device_count():
         raise SystemExit(f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices (the batch is "
                          "split over all of them)")
-    batch = random_batch(cfg, args.batch, args.seq)
-    times = {impl: bench_jax(fields, impl, batch, args) for impl in args.impls.split(",")}
-    torch_seconds = None if args.no_torch else bench_torch(fields, batch, args)
+    batch, images = random_batch(config, config.model.to_dict(), args.batch, args.seq)
+    print(f"{args.config}: {config.model.kind}, LLM {llm.get('family')} {llm.num_layers} layers, "
+          f"hidden {llm.hidden_size}, {llm.get('dtype')}; batch {args.batch} x {args.seq} tokens, "
+          f"{images} images/tiles; "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    times = {impl: bench_jax(config, impl, batch, images, args) for impl in args.impls.split(",")}
+    torch_seconds = None if args.no_torch else bench_torch(config, batch, images, args)
     if torch_seconds is not None:
         for impl, seconds in times.items():
             print(f"ratio jax attention_impl={impl} / pytorch throughput: {torch_seconds / seconds:.2f}x")

@@ -1,5 +1,6 @@
-"""`python -m benchmarks.bench_step --quick` runs the trainer's step for xla and splash (interpret mode) and the
-PyTorch model on CPU, and prints every figure line and the JAX / PyTorch ratio (no time values are asserted)."""
+"""`python -m benchmarks.bench_step --quick` runs the trainer's whole tiny LEO-MINI step (experts, CoTR, LLM) with
+images for xla and splash (interpret mode) and the PyTorch LeoMiniForCausalLM on CPU, and prints every figure line
+(tokens/s, images/s, MFU, memory) and the JAX / PyTorch ratio (no time values are asserted)."""
 
 import os
 import re
@@ -12,11 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_step_quick_prints_figures_and_ratio():
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device, as a plain run
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_step", "--quick"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     for impl in ("xla", "splash"):
         line = next(x for x in lines if x.startswith(f"jax attention_impl={impl} "))
-        assert re.search(r"step +[\d.]+ s +[\d.]+ tokens/s .*MFU .*peak memory", line), line
+        assert re.search(r"step +[\d.]+ s +[\d.]+ tokens/s +[\d.]+ images/s .*MFU .*peak memory", line), line
         assert re.search(rf"^ratio jax attention_impl={impl} / pytorch throughput: [\d.]+x$", out.stdout, re.MULTILINE)
-    assert any(re.match(r"pytorch LlamaForCausalLM on cpu: step +[\d.]+ s +[\d.]+ tokens/s", x) for x in lines)
+    assert any(re.match(r"pytorch LeoMiniForCausalLM on cpu: step +[\d.]+ s +[\d.]+ tokens/s +[\d.]+ images/s", x)
+               for x in lines)
