@@ -7,9 +7,10 @@ the whole multimodal step (vision encoders, CoTR / projectors, LLM) runs. `--lay
 model fits one accelerator. `attention_impl` is set on the LLM and every encoder that has one. The PyTorch side is
 the same model as leo_jax.pytorch builds it from the export config (LEO-MINI: LeoMiniForCausalLM; an LLM: InternLM2
 written there, Llama / Qwen2 from transformers) with an AdamW step on the same batch and device kind, in bf16
-autocast when the JAX compute dtype is bf16. Compilation and the first steps are excluded. Prints step time,
-tokens/s, images/s, MFU (model FLOPs of leo_jax.train.metrics for the batch's images over the device peak, when
-known) and peak device memory per implementation, then the JAX / PyTorch throughput ratio.
+autocast when the JAX compute dtype is bf16. Both sides train every parameter (the same work whatever the stage's
+freezing). Compilation and the first steps are excluded. Prints step time, tokens/s, images/s, MFU (model FLOPs of
+leo_jax.train.metrics for the batch's images over the device peak, when known) and peak device memory per
+implementation, then the JAX / PyTorch throughput ratio.
 
     python -m benchmarks.bench_step --config leo_mini_llama3_8b_stage2 --layers 8 --batch 8 --impls xla,auto
     python -m benchmarks.bench_step --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
