@@ -57,26 +57,26 @@ def random_batch(config, model_fields: dict, batch: int, seq: int) -> tuple[dict
     """(numpy batch, images or tiles in it) in the data contract of the model's kind, every image slot real: each row
     starts with its <IMG_CONTEXT> runs, then random text; the first half of the text is prompt, the rest answer."""
     cfg = model_config(model_fields)
-    config.data.update(global_batch_size=batch, seq_len=seq)
-    shapes = batch_shapes(config, visual.for_model(cfg, config.data))
     rng = np.random.default_rng(0)
-    vocab = llm_of(model_fields)["vocab_size"]
-    out = {}
-    for key, spec in shapes.items():
-        if spec.dtype == np.uint8:
-            out[key] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
-        elif np.issubdtype(spec.dtype, np.floating):
-            out[key] = rng.standard_normal(spec.shape).astype(spec.dtype)
-        else:
-            out[key] = np.ones(spec.shape, spec.dtype)
+    out, slots, visual_tokens = {}, 0, 0
     context = int(model_fields.get("image_context_id", -1))
-    ids = rng.integers(3, vocab, size=(batch, seq + 1)).astype(np.int32)
-    ids[ids == context] = 3
-    slots = shapes["image_mask" if "image_mask" in shapes else "tile_mask"].shape[1] if context >= 0 else 0
-    visual_tokens = int(cfg.visual_tokens(slots)) if slots else 0
+    if hasattr(cfg, "visual_count"):  # the image side of the data contract (masks, pixels / tiles / patches)
+        config.data.update(global_batch_size=batch, seq_len=seq)
+        shapes = batch_shapes(config, visual.for_model(cfg, config.data))
+        for key, spec in shapes.items():
+            if spec.dtype == np.uint8:
+                out[key] = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+            elif np.issubdtype(spec.dtype, np.floating):
+                out[key] = rng.standard_normal(spec.shape).astype(spec.dtype)
+            else:
+                out[key] = np.ones(spec.shape, spec.dtype)
+        slots = shapes["image_mask" if "image_mask" in shapes else "tile_mask"].shape[1]
+        visual_tokens = int(cfg.visual_tokens(slots))
     if visual_tokens + 2 > seq:
         raise SystemExit(f"--seq {seq}: a row needs more than its {visual_tokens} visual tokens ({slots} "
-                         f"{cfg.visual_count}); raise --seq")
+                         f"{getattr(cfg, 'visual_count', 'images')}); raise --seq")
+    ids = rng.integers(3, llm_of(model_fields)["vocab_size"], size=(batch, seq + 1)).astype(np.int32)
+    ids[ids == context] = 3
     ids[:, 1:1 + visual_tokens] = context
     prompt = np.zeros((batch, seq), bool)
     prompt[:, :visual_tokens + 1 + (seq - visual_tokens) // 2] = True
