@@ -143,7 +143,7 @@ def torch_model_and_inputs(config, batch_np: dict):
         return build_language_model(llm_config_to_hf(cfg, {})), dict(input_ids=ids), labels
     if config.model.kind == "leo_mini":
         from leo_jax.convert.leo_mini import config_to_hf
-        from leo_jax.models.leo_mini import PATCH_INPUT_KINDS
+        from leo_jax.models.leo_mini import PATCH_INPUT_KINDS, expert_pixels
         from leo_jax.pytorch.leo_mini import LeoMiniForCausalLM
 
         images, patch_masks = {}, {}
@@ -152,7 +152,7 @@ def torch_model_and_inputs(config, batch_np: dict):
             if spec.kind in PATCH_INPUT_KINDS:
                 images[spec.name], patch_masks[spec.name] = t(x), t(batch_np[f"patch_mask_{spec.name}"])
             else:
-                images[spec.name] = t(spec.preprocessor().device(jnp.asarray(x))).permute(0, 1, 4, 2, 3)
+                images[spec.name] = t(expert_pixels(spec, x)).permute(0, 1, 4, 2, 3)
         inputs = dict(input_ids=ids, images=images, patch_masks=patch_masks,
                       attention_mask=t(batch_np["segment_ids"] > 0), prompt_mask=t(batch_np["prompt_mask"]),
                       image_mask=t(batch_np["image_mask"]))
