@@ -59,7 +59,8 @@ def _run(module, features, masks, text, text_mask) -> np.ndarray:
 def _torch_reference(module: CoTR) -> TorchCoTR:
     cfg = module.cfg
     reference = TorchCoTR(cfg.expert_widths, cfg.text_width, cfg.num_queries, cfg.proj_width, cfg.pooling, cfg.scale,
-                          visual_bias=cfg.visual_bias, spatial_prior=cfg.spatial_prior)
+                          visual_bias=cfg.visual_bias, spatial_prior=cfg.spatial_prior, text_bias=cfg.text_bias,
+                          mode=cfg.mode)
     state = {}
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         name, value = ".".join(map(str, path)), np.array(variable.get_value())
@@ -269,3 +270,77 @@ def test_bfloat16_compute_stays_close_to_float32():
     rel = np.abs(out.astype(np.float32) - reference).max() / np.abs(reference).max()
     print(f"CoTR bfloat16 vs float32: max abs diff / max abs value {rel:.2e}")
     assert rel < 5e-2
+
+
+def _mode_config(mode, text_bias=True, experts=((6, 10), (16, 16)), visual_bias=False) -> CoTRConfig:
+    widths, tokens = experts
+    return CoTRConfig(expert_widths=widths, expert_tokens=tokens, text_width=TEXT_WIDTH, num_queries=4, proj_width=8,
+                      pooling="mean", visual_bias=visual_bias, text_bias=text_bias, mode=mode, dtype="float32")
+
+
+def _torch_output(module, features, masks, text, text_mask) -> np.ndarray:
+    with torch.no_grad():
+        return _torch_reference(module)([torch.from_numpy(f) for f in features], torch.from_numpy(text),
+                                        [torch.from_numpy(m) for m in masks], torch.from_numpy(text_mask)).numpy()
+
+
+@pytest.mark.parametrize("mode, text_bias, experts, visual_bias", [
+    ("cotr", False, THREE_EXPERTS, True),  # query + visual terms only: the reduction ignores the prompt
+    ("cotr", False, SQUARE_EXPERTS, False),  # query term only
+    ("avg_pool", True, ((6, 10), (16, 16)), False),  # 4 x 4 token grids onto 2 x 2 cells
+    ("avg_pool", True, ((6, 10), (36, 4)), False),  # 6 x 6 and 2 x 2 grids: cells of 3 x 3 and 1 x 1 tokens
+    ("keep_all", True, ((6, 10), (9, 9)), False),
+])
+def test_ablation_modes_equal_torch_reference_and_change_the_output(mode, text_bias, experts, visual_bias):
+    """text_bias=False / mode 'avg_pool' / 'keep_all' against the PyTorch reference (which pools with avg_pool2d),
+    and each option gives a different output from CoTR as in the paper on the same inputs."""
+    cfg = _mode_config(mode, text_bias, experts, visual_bias)
+    module = _model(cfg)
+    features, masks, text, text_mask = _inputs(cfg)
+    ours = _run(module, features, masks, text, text_mask)
+    theirs = _torch_output(module, features, masks, text, text_mask)
+    diff = float(np.max(np.abs(ours.astype(np.float64) - theirs)))
+    print(f"CoTR mode={mode} text_bias={text_bias} tokens={cfg.expert_tokens}: max abs diff vs torch {diff:.2e}")
+    assert ours.shape == (4, cfg.output_tokens, sum(cfg.expert_widths))
+    assert diff <= 1e-5
+    assert np.all(ours[3] == 0), "a sample without image must give zeros"
+    paper = _model(dataclasses.replace(cfg, mode="cotr", text_bias=True))
+    if mode == "cotr":  # same weights but the prompt row: only the conditioning is gone
+        nnx.update(paper, nnx.state(module))
+        assert module.text_proj is None
+    else:
+        assert not nnx.state(module, nnx.Param), "fixed reductions have no parameters"
+    paper_out = _run(paper, features, masks, text, text_mask)
+    assert paper_out.shape != ours.shape or np.max(np.abs(paper_out - ours)) > 1e-2
+    np.testing.assert_array_equal(_run(module, features, masks, text + 1.0, text_mask), ours)  # prompt-blind
+
+
+def test_avg_pool_averages_each_cell_and_keep_all_passes_tokens_through():
+    """Direct checks of the two fixed reductions: cell means of the 4 x 4 grid (valid tokens only) and identity."""
+    cfg = _mode_config("avg_pool")
+    features, masks, text, text_mask = _inputs(cfg)
+    out = _run(CoTR(cfg, rngs=nnx.Rngs(0)), features, masks, text, text_mask)
+    grid = features[1][0].reshape(2, 2, 2, 2, 10)  # sample 0 (all valid): [cell row, row, cell col, col, d]
+    np.testing.assert_allclose(out[0, :, 6:], grid.mean(axis=(1, 3)).reshape(4, 10), atol=1e-6)
+    weights = CoTR(cfg, rngs=nnx.Rngs(0)).attention([jnp.asarray(f) for f in features], jnp.asarray(text),
+                                                    feature_masks=[jnp.asarray(m) for m in masks])
+    assert np.all(np.asarray(weights[1])[2, :, 8:] == 0), "padding (second half of sample 2) must get weight 0"
+    np.testing.assert_allclose(np.asarray(weights[1])[2, :2].sum(-1), 1.0, atol=1e-6)
+
+    keep = _mode_config("keep_all", experts=((6, 10), (16, 16)))
+    out = _run(CoTR(keep, rngs=nnx.Rngs(0)), features, masks, text, text_mask)
+    np.testing.assert_array_equal(out[0], np.concatenate([features[0][0], features[1][0]], -1))
+    assert keep.output_tokens == 16 and keep.forward_flops(6) == 0.0
+
+
+def test_ablation_mode_errors_name_the_field():
+    with pytest.raises(ValueError, match="config.cotr.mode='mean'"):
+        _mode_config("mean")
+    with pytest.raises(ValueError, match=r"mode='avg_pool'.*expert_tokens\[1\]=9 and num_queries=4"):
+        _mode_config("avg_pool", experts=((6, 10), (16, 9)))
+    with pytest.raises(ValueError, match=r"mode='keep_all'.*same token count.*\(16, 9\)"):
+        _mode_config("keep_all", experts=((6, 10), (16, 9)))
+    with pytest.raises(ValueError, match="no reduction weights"):
+        cfg = _mode_config("keep_all", experts=((6, 10), (16, 16)))
+        features, masks, text, _ = _inputs(cfg)
+        CoTR(cfg, rngs=nnx.Rngs(0)).attention([jnp.asarray(f) for f in features], jnp.asarray(text))

@@ -328,3 +328,30 @@ def test_main_command_cotr_options_survive_export(tiny, tmp_path):
     print(f"LEO-MINI with the main command's CoTR, PyTorch vs JAX: max abs logits diff = {diff:.2e} "
           f"(vs the paper's CoTR: {paper_diff:.2e})")
     assert diff <= TOL < paper_diff
+
+
+@pytest.mark.parametrize("cotr, grid, tokens", [
+    ({"text_bias": False}, 4, 16),  # CoTR without the prompt row
+    ({"mode": "avg_pool"}, 4, 16),  # fixed 4 x 4 average pooling of CLIP's 8 x 8 and ConvNeXt's 4 x 4 grids
+    ({"mode": "keep_all"}, 8, 64),  # no reduction: both experts on 8 x 8 grids, all 64 tokens per image
+])
+def test_ablation_reductions_survive_export(tiny, tmp_path, cotr, grid, tokens):
+    """The ablation's CoTR options go through config.json, and the PyTorch model reproduces the JAX logits on a
+    pipeline batch with the option's number of <IMG_CONTEXT> tokens per image."""
+    _, _, _, work = tiny
+    config = load_config("tiny_leo_mini")
+    config.model.cotr.update(cotr)
+    config.model.experts.convnext.grid = grid
+    config.data.update(train_files=str(work / "data" / "data.json"), global_batch_size=2, shuffle=False, seq_len=192)
+    model_cfg = model_config(config.model)
+    assert model_cfg.visual_tokens_per_image() == tokens
+    iterator = pipeline.make_train_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(iterator)).items() if k != "sample_index"}
+    assert int(np.sum(np.asarray(batch["input_ids"]) == model_cfg.image_context_id)) == 2 * tokens
+    model = random_model(model_cfg)
+    out = api.export_module(model, "leo_mini", tmp_path / "hf")
+    written = json.loads((out / "config.json").read_text())["cotr"]
+    assert {k: written[k] for k in cotr} == cotr
+    diff, _ = compare_logits(model, batch, LeoMiniForCausalLM.from_pretrained(out))
+    print(f"LEO-MINI with CoTR {cotr}, PyTorch vs JAX: max abs logits diff = {diff:.2e}")
+    assert diff <= TOL

@@ -7,7 +7,8 @@ LEO-MINI has no official checkpoint layout; this one (ours) is the state dict of
   SiglipVisionModel, ConvNextModel, Pix2StructVisionModel, SamVisionModel, InternVLVisionModel; timm for EVA-02),
   e.g. `vision_experts.clip.encoder.layers.0.mlp.fc1.weight`.
 - `cotr.experts.{i}.query` [N^V, d_i], `cotr.experts.{i}.query_proj.weight`, `cotr.experts.{i}.token_proj.weight`,
-  `cotr.text_proj.weight` (leo_jax.pytorch.cotr.CoTR; i in the order of config.model.experts).
+  `cotr.text_proj.weight` (leo_jax.pytorch.cotr.CoTR; i in the order of config.model.experts; only for CoTR mode
+  'cotr', text_proj only with text_bias).
 - `projector.0.*`, `projector.2.*`: Linear -> GELU -> Linear (nn.Sequential indices, LLaVA's mlp2x_gelu).
 - `language_model.*`: transformers LlamaForCausalLM (or Qwen2ForCausalLM) naming, `language_model.model.layers.{i}...`,
   `language_model.lm_head.weight`. Each MMoE target projection is a leo_jax.pytorch.mmoe.MMoELinear, so under it:
@@ -85,7 +86,7 @@ def config_to_hf(cfg: LeoMiniConfig, original: dict) -> dict:
         cotr=dict(expert_widths=list(cotr.expert_widths), expert_tokens=list(cotr.expert_tokens),
                   text_width=cotr.text_width, num_queries=cotr.num_queries, proj_width=cotr.proj_width,
                   pooling=cotr.pooling, scale=cotr.scale, visual_bias=cotr.visual_bias,
-                  spatial_prior=cotr.spatial_prior),
+                  spatial_prior=cotr.spatial_prior, text_bias=cotr.text_bias, mode=cotr.mode),
         projector=dict(in_features=projector.in_features, out_features=projector.out_features, act=projector.act,
                        layer_norm=projector.layer_norm),
         image_context_id=cfg.image_context_id)
@@ -149,11 +150,13 @@ def rules(cfg: LeoMiniConfig) -> list[Rule]:
     for spec in cfg.expert_configs:
         out += prefixed(get_family(spec.kind).rules(_expert_encoder_config(spec)), f"vision_experts.{spec.name}.",
                         f"experts/{spec.name}/")
-    for i in range(len(cfg.expert_configs)):
+    cotr = cfg.cotr_config
+    for i in range(len(cfg.expert_configs) if cotr.learned else 0):  # the fixed reductions have no weights
         hf, jx = f"cotr.experts.{i}.", f"cotr/experts/{i}/"
         out += [copy(hf + "query", jx + "query"), linear(hf + "query_proj.weight", jx + "query_proj/kernel"),
                 linear(hf + "token_proj.weight", jx + "token_proj/kernel")]
-    out.append(linear("cotr.text_proj.weight", "cotr/text_proj/kernel"))
+    if cotr.learned and cotr.text_bias:
+        out.append(linear("cotr.text_proj.weight", "cotr/text_proj/kernel"))
     for path, index in torch_projector_names(layer_norm=False).items():
         out += linear_with_bias(f"projector.{index}", "projector/" + path.replace(".", "/"), None)
     return out + _llm_rules(cfg)

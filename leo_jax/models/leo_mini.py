@@ -159,6 +159,10 @@ class LeoMiniConfig:
         return ProjectorConfig.from_config(fields, "config.model.projector")
 
     def visual_tokens_per_image(self) -> int:
+        """CoTR's output tokens per image: num_queries, or every expert token when config.model.cotr.mode is
+        'keep_all' (then from the experts' shapes)."""
+        if self.cotr.get("mode", "cotr") == "keep_all":
+            return self.cotr_config.output_tokens
         return int(self.cotr.get("num_queries", CoTRConfig.__dataclass_fields__["num_queries"].default))
 
     def visual_tokens(self, images: float) -> float:
@@ -367,6 +371,6 @@ class LeoMini(nnx.Module):
         embeds, routing = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
         out = self.llm.forward(embeds, segment_ids=batch["segment_ids"], positions=batch["positions"],
                                routing=routing)
-        visual_mask = jnp.repeat(batch["image_mask"], self.cotr.cfg.num_queries, axis=1)
+        visual_mask = jnp.repeat(batch["image_mask"], self.cotr.cfg.output_tokens, axis=1)
         mismatch = check_context_tokens(batch["input_ids"] == self.cfg.image_context_id, visual_mask, "LEO-MINI")
         return out._replace(aux={**out.aux, "visual_token_mismatch": mismatch})

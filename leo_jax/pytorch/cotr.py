@@ -63,21 +63,28 @@ class CoTRExpert(nn.Module):
 class CoTR(nn.Module):
     """Conditional token reduction over a list of experts; see leo_jax.models.cotr.CoTRConfig for the
     meaning of `pooling` ('sum' | 'mean'), `scale` ('sqrt_expert_width' | 'sqrt_proj_width' | 'none') and
-    `visual_bias` (False drops the pooled visual rows, keeping the query and prompt terms) and `spatial_prior`
-    (> 0: the Gaussian score offset that points query q at the q-th cell of a square grid over the image)."""
+    `visual_bias` (False drops the pooled visual rows, keeping the query and prompt terms), `text_bias` (False drops
+    the pooled prompt row: no conditioning), `spatial_prior` (> 0: the Gaussian score offset that points query q at
+    the q-th cell of a square grid over the image) and `mode` ('cotr'; 'avg_pool': average pooling of each expert's
+    square token grid onto the square num_queries grid; 'keep_all': every token passes, concatenated along
+    channels). The fixed modes have no parameters; without text_bias there is no `text_proj`."""
 
     def __init__(self, expert_widths: Sequence[int], text_width: int, num_queries: int = 64, proj_width: int = 256,
                  pooling: str = "sum", scale: str = "sqrt_expert_width", init_std: float = 0.02,
-                 visual_bias: bool = True, spatial_prior: float = 0.0):
+                 visual_bias: bool = True, spatial_prior: float = 0.0, text_bias: bool = True, mode: str = "cotr"):
         super().__init__()
+        if mode not in ("cotr", "avg_pool", "keep_all"):
+            raise ValueError(f"mode={mode!r}: use 'cotr', 'avg_pool' or 'keep_all'")
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling={pooling!r}: use 'sum' or 'mean'")
         if scale not in ("sqrt_expert_width", "sqrt_proj_width", "none"):
             raise ValueError(f"scale={scale!r}: use 'sqrt_expert_width', 'sqrt_proj_width' or 'none'")
         self.pooling, self.scale, self.proj_width, self.visual_bias = pooling, scale, proj_width, visual_bias
-        self.spatial_prior = spatial_prior
-        self.experts = nn.ModuleList(CoTRExpert(d, num_queries, proj_width, init_std) for d in expert_widths)
-        self.text_proj = nn.Linear(text_width, proj_width, bias=False)
+        self.spatial_prior, self.text_bias, self.mode, self.num_queries = spatial_prior, text_bias, mode, num_queries
+        learned = mode == "cotr"
+        self.experts = nn.ModuleList(CoTRExpert(d, num_queries, proj_width, init_std) for d in expert_widths
+                                     if learned)
+        self.text_proj = nn.Linear(text_width, proj_width, bias=False) if learned and text_bias else None
 
     @staticmethod
     def grid_offsets(num_queries: int, num_tokens: int, width: float) -> torch.Tensor:
@@ -91,6 +98,17 @@ class CoTR(nn.Module):
                 ny, nx = (n // n_side + 0.5) / n_side, (n % n_side + 0.5) / n_side
                 offsets[q, n] = -((qy - ny) ** 2 + (qx - nx) ** 2) / (2 * width ** 2)
         return offsets
+
+    def grid_average(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, N, d] on a square token grid -> [B, N^V, d]: mean of the valid tokens in each cell of the square
+        num_queries grid (0 where none is), by avg_pool2d of the masked features divided by that of the mask."""
+        b, n, d = features.shape
+        grid, side = math.isqrt(n), math.isqrt(self.num_queries)
+        m = mask.to(features.dtype).reshape(b, 1, grid, grid)
+        x = (features * mask.unsqueeze(-1)).transpose(1, 2).reshape(b, d, grid, grid)
+        total, count = F.avg_pool2d(x, grid // side), F.avg_pool2d(m, grid // side)
+        mean = torch.where(count > 0, total / count.clamp(min=1e-12), torch.zeros_like(total))
+        return mean.flatten(2).transpose(1, 2)
 
     def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [B, D] over the tokens where mask [B, N] is True."""
@@ -108,9 +126,13 @@ class CoTR(nn.Module):
             feature_masks = [torch.ones(f.shape[:2], dtype=torch.bool) for f in features]
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool)
+        if self.mode == "keep_all":
+            return torch.cat([f.masked_fill(~m.unsqueeze(-1), 0.0) for f, m in zip(features, feature_masks)], dim=-1)
+        if self.mode == "avg_pool":
+            return torch.cat([self.grid_average(f, m) for f, m in zip(features, feature_masks)], dim=-1)
         projected = [e.token_proj(f) for e, f in zip(self.experts, features)]  # Ī_j [B, N_j, d_p]
         pooled = [self.pool(p, m) for p, m in zip(projected, feature_masks)]  # pool(Ī_j) [B, d_p]
-        pooled_text = self.pool(self.text_proj(text), text_mask)  # pool(T̂) [B, d_p]
+        pooled_text = self.pool(self.text_proj(text), text_mask) if self.text_bias else None  # pool(T̂) [B, d_p]
 
         outputs = []
         for i, expert in enumerate(self.experts):
@@ -121,7 +143,8 @@ class CoTR(nn.Module):
             if self.visual_bias:
                 scores = scores + torch.einsum("bp,bnp->bn", pooled[i], tokens_i).unsqueeze(1)  # pool(Ī_i) Ī_iᵀ
                 scores = scores + torch.einsum("bp,bnp->bn", others, tokens_i).unsqueeze(1)  # Σ_{j≠i} pool(Ī_j) Ī_iᵀ
-            scores = scores + torch.einsum("bp,bnp->bn", pooled_text, tokens_i).unsqueeze(1)  # pool(T̂) Ī_iᵀ
+            if self.text_bias:
+                scores = scores + torch.einsum("bp,bnp->bn", pooled_text, tokens_i).unsqueeze(1)  # pool(T̂) Ī_iᵀ
             if self.scale == "sqrt_expert_width":
                 scores = scores / math.sqrt(image_i.shape[-1])
             elif self.scale == "sqrt_proj_width":

@@ -148,10 +148,13 @@ class LeoMiniForCausalLM(nn.Module):
         self.expert_specs = [ExpertSpec(spec) for spec in config["vision_experts"]]
         self.vision_experts = nn.ModuleDict({spec.name: spec.build() for spec in self.expert_specs})
         cotr = config["cotr"]
-        self.num_queries = int(cotr["num_queries"])
-        self.cotr = CoTR(cotr["expert_widths"], cotr["text_width"], self.num_queries, cotr["proj_width"],
+        mode = cotr.get("mode", "cotr")
+        # visual tokens per image: CoTR's queries, or every expert token when nothing is reduced
+        self.num_queries = int(cotr["expert_tokens"][0] if mode == "keep_all" else cotr["num_queries"])
+        self.cotr = CoTR(cotr["expert_widths"], cotr["text_width"], int(cotr["num_queries"]), cotr["proj_width"],
                          cotr["pooling"], cotr["scale"], visual_bias=cotr.get("visual_bias", True),
-                         spatial_prior=cotr.get("spatial_prior", 0.0))
+                         spatial_prior=cotr.get("spatial_prior", 0.0), text_bias=cotr.get("text_bias", True),
+                         mode=mode)
         projector = config["projector"]
         if projector.get("act", "gelu") != "gelu" or projector.get("layer_norm", False):
             raise ValueError(f"config.json: projector {projector} is not LEO-MINI's Linear -> GELU -> Linear")
