@@ -1,0 +1,56 @@
+"""The CoTR ablation harness and the prefill benchmark in quick mode: they run end to end and report what they
+measured (the quick mode checks the harness, not the result; no timing is asserted)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from leo_jax.data import synthetic
+from leo_jax.experiments import cotr_ablation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_ablation_trains_every_variant_and_writes_the_table(tmp_path, capsys):
+    assert cotr_ablation.main(["--out", str(tmp_path), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "ablation.json").read_text())
+    assert list(report["variants"]) == ["cotr", "cotr_no_text", "avg_pool", "keep_all"]
+    assert report["quick"] and report["seeds"] == [0] and len(report["runs"]) == 4
+    tokens = {name: row["visual_tokens_per_image"] for name, row in report["variants"].items()}
+    assert tokens == {"cotr": 16, "cotr_no_text": 16, "avg_pool": 16, "keep_all": 64}
+    flops = {name: row["forward_flops_per_sample"] for name, row in report["variants"].items()}
+    assert flops["keep_all"] > flops["cotr"] > flops["cotr_no_text"] > flops["avg_pool"] > 0
+    for name, row in report["variants"].items():
+        assert set(row["accuracy"]) == set(synthetic.QUESTION_TYPES), name
+        assert all(0.0 <= v["mean"] <= 1.0 and v["std"] == 0.0 for v in row["accuracy"].values()), name
+        assert re.search(rf"^\| {name} +\| {tokens[name]} +\| [0-9.]+ +\|", printed, re.M), printed
+    assert 0.0 < report["several_objects_fraction"]["color"] <= 1.0
+    # a rerun reuses the finished runs (their result files), it does not train again
+    before = {p: os.path.getmtime(p) for p in tmp_path.glob("runs/*/seed0/result.json")}
+    assert cotr_ablation.main(["--out", str(tmp_path), "--quick", "--variants", "cotr,keep_all"]) == 0
+    assert {p: os.path.getmtime(p) for p in before} == before
+    assert list(json.loads((tmp_path / "ablation.json").read_text())["variants"]) == ["cotr", "keep_all"]
+
+
+def test_ablation_rejects_unknown_variants(tmp_path, capsys):
+    try:
+        cotr_ablation.main(["--out", str(tmp_path), "--variants", "cotr,max_pool"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "unknown ['max_pool']" in capsys.readouterr().err
+
+
+def test_bench_prefill_quick_prints_its_figures():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--quick"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "warm-up call excluded, median of 3 timed calls" in text
+    assert re.search(r"LEO-style \(all tokens\) +64 visual tokens/image .*prefill +[0-9.]+ ms \(median; all: "
+                     r"[0-9., ]+\) +decode +[0-9.]+ tokens/s +forward +[0-9.]+ GFLOPs/sample", text), text
+    assert re.search(r"LEO-MINI \(CoTR\) +16 visual tokens/image", text), text
+    assert re.search(r"ratio LEO-style / LEO-MINI: prefill latency [0-9.]+x, decode tokens/s [0-9.]+x, "
+                     r"forward FLOPs \(summary\) [0-9.]+x", text), text
