@@ -13,16 +13,18 @@ from leo_jax.experiments import cotr_ablation
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_ablation_trains_every_variant_and_writes_the_table(tmp_path, capsys):
-    assert cotr_ablation.main(["--out", str(tmp_path), "--quick"]) == 0
+def test_quick_ablation_trains_variants_and_writes_the_table(tmp_path, capsys):
+    """Two of the four variants (the paper's CoTR and no reduction) keep the test short; the model-level behaviour
+    of all four is checked in test_cotr.py and test_export_leo_mini.py."""
+    assert cotr_ablation.main(["--out", str(tmp_path), "--quick", "--variants", "cotr,keep_all"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "ablation.json").read_text())
-    assert list(report["variants"]) == ["cotr", "cotr_no_text", "avg_pool", "keep_all"]
-    assert report["quick"] and report["seeds"] == [0] and len(report["runs"]) == 4
+    assert list(report["variants"]) == ["cotr", "keep_all"]
+    assert report["quick"] and report["seeds"] == [0] and len(report["runs"]) == 2
     tokens = {name: row["visual_tokens_per_image"] for name, row in report["variants"].items()}
-    assert tokens == {"cotr": 16, "cotr_no_text": 16, "avg_pool": 16, "keep_all": 64}
+    assert tokens == {"cotr": 16, "keep_all": 64}
     flops = {name: row["forward_flops_per_sample"] for name, row in report["variants"].items()}
-    assert flops["keep_all"] > flops["cotr"] > flops["cotr_no_text"] > flops["avg_pool"] > 0
+    assert flops["keep_all"] > flops["cotr"] > 0
     for name, row in report["variants"].items():
         assert set(row["accuracy"]) == set(synthetic.QUESTION_TYPES), name
         assert all(0.0 <= v["mean"] <= 1.0 and v["std"] == 0.0 for v in row["accuracy"].values()), name
@@ -30,9 +32,10 @@ def test_quick_ablation_trains_every_variant_and_writes_the_table(tmp_path, caps
     assert 0.0 < report["several_objects_fraction"]["color"] <= 1.0
     # a rerun reuses the finished runs (their result files), it does not train again
     before = {p: os.path.getmtime(p) for p in tmp_path.glob("runs/*/seed0/result.json")}
-    assert cotr_ablation.main(["--out", str(tmp_path), "--quick", "--variants", "cotr,keep_all"]) == 0
+    assert len(before) == 2
+    assert cotr_ablation.main(["--out", str(tmp_path), "--quick", "--variants", "keep_all"]) == 0
     assert {p: os.path.getmtime(p) for p in before} == before
-    assert list(json.loads((tmp_path / "ablation.json").read_text())["variants"]) == ["cotr", "keep_all"]
+    assert list(json.loads((tmp_path / "ablation.json").read_text())["variants"]) == ["keep_all"]
 
 
 def test_ablation_rejects_unknown_variants(tmp_path, capsys):

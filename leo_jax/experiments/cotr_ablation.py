@@ -59,8 +59,8 @@ class Variant:
         if quick:  # one layer per network: compilation dominates a few-step run
             config.model.experts.clip.encoder.num_layers = 1
             config.model.llm.num_layers = 1
-            config.synthetic.update(num=64, val_num=10)
-            config.data.update(global_batch_size=4, eval_batch_size=10)
+            config.synthetic.update(num=64, val_num=16)
+            config.data.update(global_batch_size=8, eval_batch_size=16)  # divisible by up to 8 devices
             config.train.warmup_fraction = 0.0
         return config
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
                         help="comma-separated subset of " + ", ".join(v.name for v in VARIANTS))
     parser.add_argument("--quick", action="store_true",
-                        help="toy size (2 steps, one-layer networks, 64 training / 10 validation samples, seed "
+                        help="toy size (2 steps, one-layer networks, 64 training / 16 validation samples, seed "
                              "0): checks the harness, not the result")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
