@@ -9,8 +9,8 @@ measurement: one warm-up call (compilation) excluded, then --repeats timed calls
 measured ratios it prints the ratio of the models' forward FLOPs per sample (as `python -m leo_jax.summary`
 computes them) at each model's padded prompt length.
 
-    python benchmarks/bench_prefill.py --config leo_mini_llama3_8b [--batch 1] [--new-tokens 32] [--repeats 5]
-    python benchmarks/bench_prefill.py --quick   # CPU: tiny_leo_mini, both experts on 8 x 8 token grids
+    python -m benchmarks.bench_prefill --config leo_mini_llama3_8b [--batch 1] [--new-tokens 32] [--repeats 5]
+    python -m benchmarks.bench_prefill --quick   # CPU: tiny_leo_mini, both experts on 8 x 8 token grids
 
 Any config field can be overridden (--config.model.cotr.num_queries=144 ...). 'keep_all' needs every expert to
 give the same token count (set feature-map experts' `grid`).
@@ -22,17 +22,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from leo_jax.config import parse_cli  # noqa: E402
-from leo_jax.data import synthetic  # noqa: E402
-from leo_jax.infer.chat import InferenceEngine, Request  # noqa: E402
-from leo_jax.infer.generate import SamplingConfig, _decode_step, _prefill_batch  # noqa: E402
-from leo_jax.models.registry import build_model, model_config  # noqa: E402
+from leo_jax.config import parse_cli
+from leo_jax.data import synthetic
+from leo_jax.infer.chat import InferenceEngine, Request
+from leo_jax.infer.generate import SamplingConfig, _decode_step, _prefill_batch
+from leo_jax.models.registry import build_model, model_config
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:

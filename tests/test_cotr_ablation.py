@@ -47,7 +47,7 @@ def test_ablation_rejects_unknown_variants(tmp_path, capsys):
 
 
 def test_bench_prefill_quick_prints_its_figures():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_prefill.py"), "--quick"],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_prefill", "--quick"],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
