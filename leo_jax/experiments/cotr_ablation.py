@@ -3,7 +3,7 @@ budget? Trains tiny LEO-MINI variants on the built-in synthetic set, same steps 
 
     python -m leo_jax.experiments.cotr_ablation --out DIR [--steps 1500] [--seeds 0,1,2] [--quick]
 
-Variants (leo_jax/configs/tiny_leo_mini_train.py, both experts on 8 x 8 token grids so every variant sees the same 64 + 64
+Variants (preset tiny_leo_mini_train, both experts on 8 x 8 token grids so every variant sees the same 64 + 64
 expert tokens per image; CoTR's other settings are the preset's):
 - cotr: CoTR as in the paper, the prompt row on (text_bias), 16 tokens per image;
 - cotr_no_text: the same without the prompt row (query term and spatial prior only), 16 tokens;

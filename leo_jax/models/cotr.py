@@ -6,11 +6,12 @@ For expert i, with Ī_i = I_i W^I_i, Q̄_i = Q_i W^Q_i, T̂ = T W^T (all bias-fr
     A_i = softmax over the N_i (valid) tokens of S_i * scale_i
     output = concat_i(A_i I_i) along channels                                       [N^V, Σ d_i]
 
-The three pooled rows are broadcast over the N^V query rows. Two fixed reductions share the interface, for ablations
-(config `mode`): 'avg_pool' averages each expert's square token grid onto the square N^V grid (no learned weights),
-'keep_all' passes every expert token through (no reduction; experts must have equal token counts). Because (a + b) Ī_iᵀ = a Ī_iᵀ + b Ī_iᵀ, the code adds
+The three pooled rows are broadcast over the N^V query rows. Because (a + b) Ī_iᵀ = a Ī_iᵀ + b Ī_iᵀ, the code adds
 the pooled rows of every expert and of the text to the projected queries once and does one score matmul per
 expert. T holds the prompt embeddings only: the caller's `text_mask` must exclude answer (and padding) tokens.
+Two fixed reductions share the interface, for ablations (config `mode`): 'avg_pool' averages each expert's square
+token grid onto the square N^V grid (no learned weights), 'keep_all' passes every expert token through (no
+reduction; the experts must have equal token counts).
 """
 
 from __future__ import annotations
