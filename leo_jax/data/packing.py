@@ -65,6 +65,18 @@ class BatchLayout:
                 return bucket
         return self.seq_len
 
+    def pad_to(self, batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+        """The collated ``batch`` padded along the token axis to ``length`` (e.g. the bucket every process of a
+        multi-host step agreed on, so all compile and run the same program)."""
+        current = batch["input_ids"].shape[1]
+        if length < current or length > self.seq_len:
+            raise ValueError(f"cannot pad a batch of {current} tokens to {length} (seq_len {self.seq_len})")
+        out = dict(batch)
+        for key, fill in (("input_ids", self.pad_id), ("labels", self.pad_id), ("loss_mask", 0), ("segment_ids", 0),
+                          ("positions", 0), ("prompt_mask", False)):
+            out[key] = np.pad(batch[key], ((0, 0), (0, length - current)), constant_values=fill)
+        return out
+
     def collate(self, rows: Sequence[Sequence[Sample]]) -> dict[str, np.ndarray]:
         """Build the batch from ``rows`` (lists of samples; fewer than batch_size rows leave empty padding rows)."""
         if len(rows) > self.batch_size:

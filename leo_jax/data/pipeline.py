@@ -2,7 +2,8 @@
 
 Stages (train)::
 
-    source -> [process shard i::n] -> shuffle(seed) -> repeat(epochs)          (MapDataset, index arithmetic only)
+    source -> shuffle(seed) -> repeat(epochs) -> [this process's rows of each global batch]   (MapDataset, index
+                                                                                               arithmetic only)
            -> SampleTransform (decode, LEO tiling / LEO-MINI expert preprocessing, tokenise)   (map_with_index)
            -> to_iter_dataset -> mp_prefetch(num_workers)                      (workers do the heavy part)
            -> PackedBatchDataset: drop + count skipped samples, first-fit rows, collate   (main process)
@@ -12,6 +13,14 @@ processes, which return exactly one element (a sample or a skip marker) per inde
 does not depend on the number of workers. Per-sample randomness (JPEG quality) is seeded by (seed, stream index),
 so it does not depend on workers or on resuming either. The iterator state is Grain's state of the sample stream
 plus the skip counters, all JSON-serialisable; a restored iterator yields exactly the next batch.
+
+Global order: the shuffle and the epochs run over the global record list, and global batch b holds stream positions
+b*G .. b*G+G-1 (G = data.global_batch_size); process p of n reads only positions b*G + p*G/n .. b*G + (p+1)*G/n - 1,
+the rows its devices hold (`to_global_batch`). Without packing a record that is skipped leaves its row empty rather
+than pulling in the next record, so the rows of global batch b depend on the seed, the epoch and b only, never on
+the number of processes: a run resumes on another process count from the global batch index alone
+(`make_train_iterator(start_batch=b)`). With packing each process packs its own rows first-fit, so the batches
+depend on the process count, and resume needs the same count.
 
 Public entry points: :func:`make_train_iterator`, :func:`make_eval_iterator`, :func:`to_global_batch`.
 """
@@ -251,49 +260,55 @@ def prepare_tokenizer(data_config):
     return templates.setup_tokenizer(data_config.tokenizer, data_config.template)
 
 
+def _skip_stats(data_config) -> SkipStats:
+    return SkipStats(float(data_config.max_skip_fraction), int(data_config.min_records_checked),
+                     int(data_config.skip_window), float(data_config.max_window_skip_fraction))
+
+
 class PackedBatchDataset(grain.IterDataset):
     """Drops and counts skip markers, packs samples first-fit into ``layout`` rows and collates batches.
 
     min_batches: when the input ends early, emit empty (all-padding) batches up to this many, so every process of
-    a multi-host eval runs the same number of steps.
+    a multi-host run yields the same number of batches.
     """
 
     def __init__(self, parent: grain.IterDataset, layout: packing.BatchLayout, data_config, min_batches: int = 0):
         super().__init__(parent)
         self.layout = layout
-        self.max_skip_fraction = float(data_config.max_skip_fraction)
-        self.min_records_checked = int(data_config.min_records_checked)
-        self.skip_window = int(data_config.skip_window)
-        self.max_window_skip_fraction = float(data_config.max_window_skip_fraction)
+        self.data_config = data_config
         self.min_batches = min_batches
 
     def __iter__(self) -> "PackedBatchIterator":
-        return PackedBatchIterator(
-            self._parent.__iter__(),
-            self.layout,
-            SkipStats(self.max_skip_fraction, self.min_records_checked, self.skip_window,
-                      self.max_window_skip_fraction),
-            self.min_batches,
-        )
+        return PackedBatchIterator(self._parent.__iter__(), self.layout, _skip_stats(self.data_config),
+                                   self.min_batches)
 
 
 class PackedBatchIterator(grain.DatasetIterator):
     """Iterator of :class:`PackedBatchDataset`; ``skip_stats`` exposes the counters for logging.
 
+    fixed_rows (training without packing): each batch takes exactly ``batch_size`` stream elements and a skipped
+    one leaves its row empty, so row r of batch b is always stream element b*batch_size + r. Otherwise samples fill
+    rows first-fit (one per row without packing) and skipped ones are dropped.
+
     State: the sample stream's state *before* the first sample not yet in an emitted batch (a sample that did not
-    fit the previous batch is re-read on resume), the skip counters at that point and the number of batches emitted.
+    fit the previous batch is re-read on resume), the skip counters at that point and the number of batches emitted
+    (counted from global batch 0 when the stream started at ``first_batch``).
     """
 
-    def __init__(self, parent, layout: packing.BatchLayout, skip_stats: SkipStats, min_batches: int):
+    def __init__(self, parent, layout: packing.BatchLayout, skip_stats: SkipStats, min_batches: int,
+                 first_batch: int = 0, fixed_rows: bool = False):
         super().__init__(parent)
+        self.fixed_rows = fixed_rows
         self.layout = layout
         self.skip_stats = skip_stats
         self.min_batches = min_batches
-        self._batches_emitted = 0
+        self._batches_emitted = first_batch
         self._pending: dict[str, Any] | None = None  # read, valid, but did not fit the last batch
         self._pending_state: dict[str, Any] | None = None
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.fixed_rows:
+            return self._next_fixed_rows()
         batch = packing.FirstFitBatch(self.layout)
         if self._pending is not None:
             batch.add(self._pending)
@@ -315,6 +330,24 @@ class PackedBatchIterator(grain.DatasetIterator):
                 break
         self._batches_emitted += 1
         return batch.collate()
+
+    def _next_fixed_rows(self) -> dict[str, np.ndarray]:
+        rows: list[list[dict[str, Any]]] = []
+        while len(rows) < self.layout.batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if rows or self._batches_emitted < self.min_batches:
+                    break
+                raise
+            if SKIP_KEY in element:
+                self.skip_stats.record_skip(element[SKIP_KEY], element["origin"], element["detail"])
+                rows.append([])
+            else:
+                self.skip_stats.record_ok()
+                rows.append([element])
+        self._batches_emitted += 1
+        return self.layout.collate(rows)
 
     def _current_state(self) -> dict[str, Any]:
         # Deep copy: Grain iterators may hand out their internal state object.
@@ -343,24 +376,80 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
     return index, count
 
 
+class _ProcessRows(grain.MapDataset):
+    """The positions of ``parent`` that process ``index`` holds in each global batch of ``global_batch`` rows
+    (``global_batch / count`` contiguous positions per batch), starting at global batch ``start_batch``. A last
+    partial global batch gives each process the positions of its slice that exist (possibly none)."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int, start_batch: int = 0):
+        super().__init__(parent)
+        self._global, self._local = global_batch, global_batch // count
+        self._offset = start_batch * global_batch + index * self._local
+        remaining = max(len(parent) - start_batch * global_batch, 0)
+        full, rest = divmod(remaining, global_batch)
+        self._length = full * self._local + min(max(rest - index * self._local, 0), self._local)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _position(self, k: int) -> int:
+        batch, row = divmod(k, self._local)
+        return self._offset + batch * self._global + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._position(index)]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(global_batch={self._global}, local={self._local}, offset={self._offset})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttachStreamIndex:
+    """element -> (its global stream position, element): per-sample randomness is seeded by the global position."""
+
+    def __call__(self, index: int, element: Any) -> tuple[int, Any]:
+        return index, element
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyIndexed:
+    """(stream position, element) -> transform(stream position, element)."""
+
+    transform: Any
+
+    def __call__(self, indexed: tuple[int, Any]) -> Any:
+        return self.transform(*indexed)
+
+
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ValueError(f"batch size {global_batch_size} is not divisible by the {process_count} processes")
     return global_batch_size // process_count
 
 
-def _sample_stream(
-    data_config, files: str, image_root: str, kind: VisualKind, training: bool, process_index: int, process_count: int
-):
-    """MapDataset of (source index, Record) for this process -> per-sample transform -> IterDataset with workers."""
+def _sample_stream(data_config, files: str, image_root: str, kind: VisualKind, training: bool, process_index: int,
+                   process_count: int, start_batch: int = 0):
+    """MapDataset of (source index, Record) -> this process's part -> per-sample transform -> IterDataset with
+    workers; also the number of global batches the stream holds (None when it repeats without end).
+
+    Training: the rows of each global batch that this process holds (see the module docstring), from global batch
+    `start_batch` on. Evaluation: records i::process_count in source order."""
     source = sources.open_sources(files, image_root or None, split=data_config.split)
     ds = grain.MapDataset.source(source).map_with_index(_AttachSourceIndex(len(source)))
-    ds = ds[process_index::process_count]
+    num_batches = None
     if training:
         if data_config.shuffle:
             ds = ds.shuffle(seed=int(data_config.seed))
-        ds = ds.repeat(data_config.num_epochs)
-    ds = ds.map_with_index(SampleTransform(data_config, kind, training))
+        ds = ds.repeat(data_config.num_epochs).map_with_index(_AttachStreamIndex())
+        global_batch = int(data_config.global_batch_size)
+        if data_config.num_epochs is not None:
+            num_batches = math.ceil(len(ds) / global_batch)
+        ds = _ProcessRows(ds, global_batch, process_index, process_count, start_batch)
+        ds = ds.map(_ApplyIndexed(SampleTransform(data_config, kind, training)))
+    else:
+        ds = ds[process_index::process_count].map_with_index(SampleTransform(data_config, kind, training))
     read_options = grain.ReadOptions(
         num_threads=int(data_config.read_threads), prefetch_buffer_size=int(data_config.read_buffer_size)
     )
@@ -375,7 +464,7 @@ def _sample_stream(
                 num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)
             )
         )
-    return it_ds, len(source)
+    return it_ds, len(source), num_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,21 +494,29 @@ def batch_layout(data_config, kind: VisualKind, batch_size: int, packed: bool) -
 
 
 def make_train_iterator(
-    data_config, kind: VisualKind, *, process_index: int | None = None, process_count: int | None = None
+    data_config, kind: VisualKind, *, process_index: int | None = None, process_count: int | None = None,
+    start_batch: int = 0,
 ) -> PackedBatchIterator:
     """Training batches for this process: shuffled by ``seed``, augmented, optionally packed, resumable.
 
-    Each process reads its own shard (records i::process_count) and yields ``global_batch_size / process_count``
-    rows; combine them with :func:`to_global_batch`. ``get_state()`` / ``set_state()`` give exact resume.
+    Each process reads its rows of each global batch and yields ``global_batch_size / process_count`` rows; combine
+    them with :func:`to_global_batch`. ``get_state()`` / ``set_state()`` give exact resume on the same process
+    count; without packing, ``start_batch=b`` starts at global batch b on any process count. With a finite
+    ``num_epochs`` and no packing every process yields the same number of batches (empty ones where it holds no
+    row of the last global batch).
     """
     process_index, process_count = _process_info(process_index, process_count)
-    stream, _ = _sample_stream(
-        data_config, data_config.train_files, data_config.image_root, kind, True, process_index, process_count
-    )
+    if start_batch and data_config.packing:
+        raise ValueError("start_batch needs data.packing=False: packed batches depend on the process count, so a "
+                         "packed run resumes from its saved per-process iterator state only")
+    stream, _, num_batches = _sample_stream(data_config, data_config.train_files, data_config.image_root, kind, True,
+                                            process_index, process_count, start_batch)
     layout = batch_layout(
         data_config, kind, _local_batch_size(data_config.global_batch_size, process_count), data_config.packing
     )
-    return iter(PackedBatchDataset(stream, layout, data_config))
+    min_batches = 0 if data_config.packing or num_batches is None else num_batches
+    return PackedBatchIterator(iter(stream), layout, _skip_stats(data_config), min_batches, start_batch,
+                               fixed_rows=not data_config.packing)
 
 
 def make_eval_iterator(
@@ -435,7 +532,7 @@ def make_eval_iterator(
         files, image_root = data_config.eval_files, data_config.eval_image_root
     else:  # no separate eval set: one pass over the training files
         files, image_root = data_config.train_files, data_config.image_root
-    stream, total = _sample_stream(data_config, files, image_root, kind, False, process_index, process_count)
+    stream, total, _ = _sample_stream(data_config, files, image_root, kind, False, process_index, process_count)
     batch_size = _local_batch_size(data_config.eval_batch_size, process_count)
     layout = batch_layout(data_config, kind, batch_size, packed=False)
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("leo_jax.train").error("%s", e)
         return 2
     logging.getLogger("leo_jax.train").info("%s", distributed.describe())
+    import jax
+
+    if jax.process_index() != 0:  # one log for the job: the other processes report warnings and errors only
+        logging.getLogger("leo_jax").setLevel(logging.WARNING)
 
     from leo_jax.data.pipeline import DataSkipLimitError
     from leo_jax.train.checkpoint import CheckpointReadError

@@ -1,5 +1,6 @@
 """One Orbax checkpoint per save: train state (trainable + frozen parameters, optimizer state, step, rng), the data
-iterator's state (Grain's checkpoint handler, one file per process) and the config, written asynchronously.
+iterator's position (one JSON file for all processes, see `Trainer.data_state`) and the config, written
+asynchronously.
 
 Orbax writes each step into a temporary directory and renames it only once every item is complete (an atomic
 finalize), so a process killed during a save leaves the previous checkpoint as the latest good one. Storage
@@ -15,13 +16,12 @@ init) is leo_jax.checkpoints.training's job.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import shutil
 import time
+from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -33,14 +33,6 @@ from leo_jax.train.workdir import check_free_space, check_writable, storage_erro
 logger = logging.getLogger("leo_jax.train")
 
 
-class _IteratorSnapshot:
-    """The data iterator's state frozen at save time (an async save must not read the iterator later)."""
-
-    def __init__(self, iterator: grain.DatasetIterator):
-        self._state = json.dumps(iterator.get_state(), indent=1).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
 
 
 class CheckpointReadError(RuntimeError):
@@ -79,7 +71,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState, data_iterator: grain.DatasetIterator | None, config_json: dict,
+    def save(self, step: int, state: TrainState, data_state: dict | None, config_json: dict,
              *, force: bool = False) -> bool:
         """Starts writing checkpoint `step` (in the background when async); raises StorageError first when the
         previous write failed or the filesystem reports too little free space."""
@@ -89,8 +81,8 @@ class Checkpointer:
             check_free_space(str(self.directory), int(local_bytes * 1.1) + 2**20, f"checkpoint {step}:")
         items = {"state": ocp.args.StandardSave(to_nested_dict(state)),
                  "config": ocp.args.JsonSave(config_json)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
         try:
             started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as e:
@@ -146,22 +138,26 @@ class Checkpointer:
             multihost_utils.sync_global_devices("leo_jax checkpoints set aside")
         self.manager.reload()
 
-    def restore(self, step: int, abstract_state: TrainState,
-                data_iterator: grain.DatasetIterator | None = None) -> TrainState:
-        """The state at `step`, placed by the shardings in `abstract_state` (ShapeDtypeStructs); the data iterator
-        (if given) is set to its saved position in place."""
+    def restore(self, step: int, abstract_state: TrainState) -> TrainState:
+        """The state at `step`, placed by the shardings in `abstract_state` (ShapeDtypeStructs)."""
         items = {"state": ocp.args.StandardRestore(to_nested_dict(abstract_state))}
-        if data_iterator is not None:
-            if not (self.directory / str(step) / "data").exists():
-                raise FileNotFoundError(f"checkpoint {self.directory / str(step)} has no data-iterator state")
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return from_nested_dict(restored["state"], abstract_state)
 
-    def restore_usable(self, abstract_state: TrainState, data_iterator: grain.DatasetIterator | None,
-                       *, fallback: bool) -> tuple[int, TrainState]:
-        """(step, state) of the newest checkpoint that reads back. An unreadable one is moved aside with a warning
-        and the previous one tried (`fallback`), else CheckpointReadError names it and the way out."""
+    def data_position(self, step: int) -> dict:
+        """The data position checkpoint `step` was written with (see `Trainer.data_state`)."""
+        data = self.directory / str(step) / "data"
+        if not data.exists():
+            raise FileNotFoundError(f"checkpoint {self.directory / str(step)} has no data-iterator state")
+        if any(data.glob("process_*-of-*.json")):
+            raise ValueError(f"checkpoint {self.directory / str(step)} holds a per-process data state from an "
+                             "older leo_jax; resume it with that version, or start afresh")
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(data)
+
+    def restore_usable(self, abstract_state: TrainState, *, with_data: bool, fallback: bool
+                       ) -> tuple[int, TrainState, Any]:
+        """(step, state, data position or None) of the newest checkpoint that reads back. An unreadable one is moved aside
+        with a warning and the previous one tried (`fallback`), else CheckpointReadError names it and the way out."""
         while True:
             step = self.latest_step()
             if step is None:
@@ -169,7 +165,8 @@ class Checkpointer:
                                           f"moved to {self.directory.parent / 'checkpoints_set_aside'}); restore "
                                           "one from a backup, or start afresh in an empty --workdir")
             try:
-                return step, self.restore(step, abstract_state, data_iterator)
+                data = self.data_position(step) if with_data else None
+                return step, self.restore(step, abstract_state), data
             except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
                 cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 if not fallback:

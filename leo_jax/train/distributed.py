@@ -10,15 +10,23 @@ This must run before anything touches a JAX backend (device lists, arrays, jit).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import logging
 import os
 import socket
 import time
+from typing import Any
 
 logger = logging.getLogger("leo_jax.train")
 
 ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+# How long `allgather_json` waits for the slowest process (a step with evaluation or a checkpoint write on a loaded
+# host can take many minutes).
+AGREEMENT_TIMEOUT_S = 3600
+_rounds: collections.Counter[str] = collections.Counter()
 
 
 class DistributedStartError(RuntimeError):
@@ -164,3 +172,30 @@ def describe() -> str:
     return (f"host {socket.gethostname()}: process {jax.process_index()} of {jax.process_count()}, "
             f"{jax.local_device_count()} local / {len(devices)} global {devices[0].platform} devices "
             f"({devices[0].device_kind})")
+
+
+def allgather_json(name: str, value: Any) -> list[Any]:
+    """Every process's JSON-serialisable `value`, in process order; every process must call it with the same
+    `name` the same number of times. It goes through the coordination service's key-value store, host to host,
+    so it never waits for steps still queued on the devices (a device collective would)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    round_ = _rounds[name]
+    _rounds[name] += 1
+    me, count = jax.process_index(), jax.process_count()
+    client.key_value_set(f"leo_jax/{name}/{round_}/{me}", json.dumps(value))
+    try:
+        values = [json.loads(client.blocking_key_value_get(f"leo_jax/{name}/{round_}/{i}",
+                                                           AGREEMENT_TIMEOUT_S * 1000)) for i in range(count)]
+    except Exception as e:
+        raise RuntimeError(f"process {me}: no answer from every process for {name!r} round {round_} within "
+                           f"{AGREEMENT_TIMEOUT_S} s ({str(e).strip().splitlines()[0][:200]}); another process "
+                           "has probably failed: see its log") from e
+    if round_ >= 2:  # every process has read round - 2 before writing round - 1
+        client.key_value_delete(f"leo_jax/{name}/{round_ - 2}/{me}")
+    return values

@@ -6,6 +6,11 @@ prompt of a row is its tokens up to the first supervised position (the assistant
 the model sees exactly what it saw in training: images written into the embeddings by `embed_inputs`, CoTR and the
 MMoE routers conditioned on the prompt tokens only. `leo_jax.infer.generate.generate_from_batch` left-aligns the
 prompts and decodes greedily; the answer is compared with the first assistant turn of the record.
+
+Multi-process: each process reads its share of the records (the eval iterator gives every process the same number
+of batches), the batches are assembled into global arrays on the mesh, every process runs every generation (also
+with an empty share), decodes the answers of its own rows, and the answers of all processes are gathered, so every
+process returns the same metrics.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from leo_jax.data import pipeline, sources, synthetic, templates
 from leo_jax.data.templates import decode_answer
 from leo_jax.data.visual import VisualKind
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch
+from leo_jax.sharding import data_sharding
+from leo_jax.train import distributed
 from leo_jax.train.step import device_batch
 
 logger = logging.getLogger("leo_jax.train")
@@ -57,7 +66,7 @@ class Evaluator:
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(templates.stop_token_ids(
             self.tokenizer, data_config.template)), pad_id=int(self.tokenizer.pad_id))
 
-    def __call__(self, trainable, frozen) -> dict[str, float]:
+    def __call__(self, trainable, frozen, mesh: jax.sharding.Mesh) -> dict[str, float]:
         iterator = pipeline.make_eval_iterator(self.data_config, self.kind)
         indices, predictions, targets = [], [], []
         stop = self.sampling.eos_ids
@@ -65,15 +74,19 @@ class Evaluator:
             if 0 <= self.max_batches <= batch_number:
                 break
             lengths = prompt_lengths(batch["loss_mask"])
-            rows = np.nonzero(lengths > 0)[0]
-            if rows.size == 0:
-                continue
-            tokens = np.asarray(generate_from_batch(self.graphdef, (trainable, frozen), device_batch(batch), lengths,
-                                                    self.sampling))
-            for r in rows:
+            local = {**device_batch(batch), "lengths": lengths}
+            inputs = {k: jax.make_array_from_process_local_data(data_sharding(mesh, v.ndim), np.asarray(v))
+                      for k, v in local.items()}
+            lengths_global = inputs.pop("lengths")
+            tokens = generate_from_batch(self.graphdef, (trainable, frozen), inputs, lengths_global, self.sampling)
+            tokens = np.asarray(multihost_utils.global_array_to_host_local_array(
+                tokens, mesh, data_sharding(mesh, tokens.ndim).spec))  # this process's rows
+            for r in np.nonzero(lengths > 0)[0]:
                 predictions.append(decode_answer(self.tokenizer, tokens[r], stop))
                 targets.append(_target_answer(self.tokenizer, batch, r, lengths[r], stop))
                 indices.append(int(batch["sample_index"][r, 0]))
+        gathered = distributed.allgather_json("eval_answers", [indices, predictions, targets])
+        indices, predictions, targets = ([x for one in gathered for x in one[i]] for i in range(3))
         return answer_metrics(indices, predictions, targets, self.raw_records)
 
 

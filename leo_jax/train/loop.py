@@ -7,12 +7,19 @@ optimizer value is finite; resume falls back past an unreadable newest checkpoin
 (train.resume_step) and refuses config changes that would misplace the data position or re-stretch the schedule
 (train.allow_config_change).
 
+Multi-process: every decision is the same on every process. Before each step the processes exchange (host to host,
+`distributed.allgather_json`) their batch's padded length, whether SIGTERM arrived and whether their data ended: all
+pad to the longest, and all save and stop together. The non-finite-loss stop reads the global loss, the same on every
+process; evaluation gathers the answers of all processes. Only process 0 writes metrics, TensorBoard and eval results.
+The data position is saved as one global record, so a run resumes on another number of processes (without packing).
+
 The loop never waits for the device except to log (every `train.log_every` steps), to check the pending losses
 before a checkpoint, and to evaluate: steps are dispatched asynchronously while the host prepares the next batch.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -31,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from leo_jax.data import pipeline, preflight, sources, templates, visual
 from leo_jax.models.registry import build_model, model_config
 from leo_jax.sharding import build_mesh
+from leo_jax.train import distributed
 from leo_jax.train import metrics as metrics_lib
 from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.config import TrainConfig
@@ -190,8 +198,8 @@ class Trainer:
         else:
             self.graphdef, abstract, self.state_shardings = abstract_train_state(
                 self._build, self.filter, self.tx, self.seed, self.mesh)
-            latest, self.state = self.checkpointer.restore_usable(abstract, self.iterator,
-                                                                  fallback=self.train_cfg.checkpoint_fallback)
+            latest, self.state, position = self.checkpointer.restore_usable(
+                abstract, with_data=True, fallback=self.train_cfg.checkpoint_fallback)
             changes = config_changes(self.checkpointer.saved_config(latest), self.config)
             if changes and not self.train_cfg.allow_config_change:
                 raise ValueError(f"resuming from {self.checkpointer.directory}/{latest}: the config differs from the "
@@ -201,6 +209,7 @@ class Trainer:
             if changes:
                 logger.warning("resuming with a changed config (train.allow_config_change=True): %s",
                                "; ".join(changes))
+            self._restore_position(position, f"{self.checkpointer.directory}/{latest}")
             self.writer.truncate(latest)
             logger.info("resumed from %s/%d (step %d of %d)", self.checkpointer.directory, latest,
                         int(self.state.step), self.total_steps)
@@ -213,6 +222,34 @@ class Trainer:
         self._train_step = make_train_step(self.graphdef, self.tx, self.schedule,
                                            grad_accum_steps=self.train_cfg.grad_accum_steps,
                                            balance_loss_weight=self.train_cfg.balance_loss_weight)
+
+    def data_state(self, position: dict) -> dict:
+        """The data position of all processes as one record (process 0 writes it): `position` is this process's
+        iterator state; `batches` the number of global batches consumed."""
+        return {"process_count": jax.process_count(), "packing": bool(self.config.data.packing),
+                "batches": int(position["batches_emitted"]),
+                "processes": distributed.allgather_json("data_state", position)}
+
+    def _restore_position(self, saved: dict, where: str) -> None:
+        """Puts the iterator at the saved position: each process's own state on the same process count; without
+        packing, global batch `batches` on any other count (skip counters summed into process 0's)."""
+        count, me = jax.process_count(), jax.process_index()
+        if saved["process_count"] == count:
+            self.iterator.set_state(saved["processes"][me])
+            return
+        if saved["packing"]:
+            raise ValueError(f"resuming from {where}: it was written by {saved['process_count']} process(es) with "
+                             f"data.packing=True, and this run has {count}; packed batches depend on the process "
+                             "count, so resume on the same number of processes (or train without packing)")
+        logger.info("resuming the data of %d process(es) on %d at global batch %d", saved["process_count"], count,
+                    saved["batches"])
+        self.iterator = pipeline.make_train_iterator(self.config.data, self.kind, start_batch=int(saved["batches"]))
+        if me == 0:
+            skips = [p["skips"] for p in saved["processes"]]
+            merged = collections.Counter()
+            for one in skips:
+                merged.update(one["skipped"])
+            self.iterator.skip_stats.load({"seen": sum(int(one["seen"]) for one in skips), "skipped": merged})
 
     def _preflight(self, batch: dict) -> None:
         data = self.config.data
@@ -239,13 +276,25 @@ class Trainer:
         with _StopSignal() as stop, jax.set_mesh(self.mesh):
             self._last_log = (time.perf_counter(), start)
             for step in range(start, self.total_steps):
+                position = self.iterator.get_state()  # what a stop before this step saves
                 try:
                     batch = next(self.iterator)
                 except StopIteration:
+                    batch = None
+                length = 0 if batch is None else int(batch["input_ids"].shape[1])
+                votes = distributed.allgather_json("step", [length, stop.received, batch is None])
+                if any(ended for _, _, ended in votes):
                     logger.warning("the training data ran out after step %d of %d (data.num_epochs=%s)", step,
                                    self.total_steps, self.config.data.num_epochs)
-                    self._save(step, force=True)
+                    self._save(step, force=True, position=position)
                     break
+                if any(signalled for _, signalled, _ in votes):
+                    self._save(step, force=True, position=position)
+                    self._stopped(step, "after SIGTERM")
+                    return self.last_eval
+                agreed = max(n for n, _, _ in votes)
+                if agreed != length:  # all processes pad to the same bucket: they must run the same program
+                    batch = self.iterator.layout.pad_to(batch, agreed)
                 if step == start:
                     self._preflight(batch)
                 counts = metrics_lib.batch_counts(batch)
@@ -265,12 +314,9 @@ class Trainer:
                     self._evaluate(done)
                 if done % self.train_cfg.checkpoint_every == 0 or last:
                     self._save(done)
-                if stop.received or self.checkpointer.reached_preemption(done) or done == stop_at:
+                if self.checkpointer.reached_preemption(done) or done == stop_at:
                     self._save(done, force=True)
-                    self.checkpointer.wait()
-                    logger.warning("stopped at step %d%s; the checkpoint is saved; rerun the same command to resume",
-                                   done, " after SIGTERM" if stop.received else "")
-                    self.close()
+                    self._stopped(done, "")
                     return self.last_eval
             self.checkpointer.wait()
             self._report_newest()
@@ -278,6 +324,12 @@ class Trainer:
                 self._evaluate(int(self.state.step))
         self.close()
         return self.last_eval
+
+    def _stopped(self, step: int, why: str) -> None:
+        self.checkpointer.wait()
+        logger.warning("stopped at step %d%s; the checkpoint is saved; rerun the same command to resume", step,
+                       f" {why}" if why else "")
+        self.close()
 
     def _abort(self) -> None:
         """On an error exit: waits for the pending checkpoint write (a failed one is logged and its partial
@@ -364,7 +416,7 @@ class Trainer:
             self._evaluator = Evaluator(self.graphdef, self.config.data, self.kind,
                                         max_batches=self.train_cfg.eval_max_batches,
                                         max_new_tokens=self.train_cfg.eval_max_new_tokens)
-        results = self._evaluator(self.state.trainable, self.state.frozen)
+        results = self._evaluator(self.state.trainable, self.state.frozen, self.mesh)
         results["eval/seconds"] = time.perf_counter() - started
         self.last_eval = results
         self.writer.write(step, results)
@@ -383,7 +435,8 @@ class Trainer:
         return (f"{where}. Lower train.learning_rate or check the data, then rerun to resume from it, or from an "
                 "older step with --config.train.resume_step=N")
 
-    def _save(self, step: int, force: bool = False) -> None:
+    def _save(self, step: int, force: bool = False, position: dict | None = None) -> None:
+        """Checkpoint `step`, with the data position after it (`position`, default: the iterator's now)."""
         self._log()  # never checkpoint a state whose pending losses were not checked
         if step in self.checkpointer.all_steps():
             return
@@ -391,7 +444,8 @@ class Trainer:
         if not bool(_all_finite(self.state)):
             raise NonFiniteLossError(f"the parameters or optimizer state are not finite after step {step}; "
                                      f"checkpoint {step} is not written; {self._finite_advice()}")
-        if self.checkpointer.save(step, self.state, self.iterator, self.config.to_dict(), force=force):
+        data = self.data_state(self.iterator.get_state() if position is None else position)
+        if self.checkpointer.save(step, self.state, data, self.config.to_dict(), force=force):
             logger.info("checkpoint %d saving to %s", step, self.checkpointer.directory)
 
     def close(self) -> None:

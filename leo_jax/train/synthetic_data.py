@@ -6,9 +6,11 @@ import json
 import logging
 import os
 
+import jax
 import ml_collections
 
 from leo_jax.data import synthetic
+from leo_jax.train import distributed
 
 logger = logging.getLogger("leo_jax.train")
 
@@ -27,7 +29,7 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> No
         logger.info("data.train_files is given (%s): the preset's built-in synthetic set is not used",
                     config.data.train_files)
         return
-    if not (os.path.exists(train_file) and os.path.exists(val_file)):
+    if jax.process_index() == 0 and not (os.path.exists(train_file) and os.path.exists(val_file)):
         logger.info("writing the synthetic set (%d train / %d validation samples) to %s", spec.num, spec.val_num, out)
         info = synthetic.write_dataset(out, spec.num, spec.seed, val_num=spec.val_num, image_size=spec.image_size,
                                        multi_image_fraction=spec.multi_image_fraction,
@@ -37,5 +39,6 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> No
     elif not os.path.exists(os.path.join(out, "val.jsonl")):  # a set written before val.jsonl existed
         with open(val_file) as f:
             synthetic.write_benchmark_file(out, json.load(f))
+    distributed.allgather_json("synthetic_set_written", True)  # the other processes wait for process 0's set
     config.data.train_files = train_file
     config.data.eval_files = config.data.eval_files or val_file
