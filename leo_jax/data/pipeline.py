@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import grain
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from leo_jax.data import packing, sources, templates
@@ -243,13 +244,15 @@ def _decode_image(ref: str | bytes | Image.Image) -> Image.Image:
     if isinstance(ref, bytes) and not ref:
         raise _SkipSample(MISSING_IMAGE, "empty image bytes (the file was missing at conversion)")
     try:
+        if isinstance(ref, str) and "://" in ref:  # remote (gs://...): read through etils.epath
+            ref = epath.Path(ref).read_bytes()
         image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
         image.load()
         return image.convert("RGB")
     except FileNotFoundError as e:
         raise _SkipSample(MISSING_IMAGE, str(e)) from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        name = ref if isinstance(ref, str) else f"{len(ref)} image bytes"
+        name = ref if isinstance(ref, str) else f"{len(ref)} image bytes"  # (a remote image names its bytes)
         raise _SkipSample(CORRUPT_IMAGE, f"{name}: {e}") from e
 
 

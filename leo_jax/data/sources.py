@@ -19,12 +19,15 @@ Grain worker processes (only the path and the index travel).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import mmap
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 # Skip reasons a source can report; the pipeline adds the image- and length-related ones.
 MALFORMED_JSON = "malformed_json"
@@ -296,8 +299,32 @@ class ConcatSource:
         return self.sources[which][index - int(self._offsets[which])]
 
 
+def local_copy(path: str) -> str:
+    """``path`` itself when local; for a remote annotation file (gs://... or any etils.epath / fsspec URL) a copy in
+    the local cache directory, made once per file version (the sources read records by byte offset)."""
+    if "://" not in path:
+        return path
+    remote = epath.Path(path)
+    if not remote.exists():
+        raise FileNotFoundError(f"data file not found: {path} (set data.train_files / data.eval_files)")
+    stat = remote.stat()
+    key = hashlib.sha256(f"{path} {stat.length} {stat.mtime}".encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "leo_jax_remote", key, os.path.basename(path))
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        partial = f"{local}.{os.getpid()}.partial"
+        with open(partial, "wb") as f:
+            f.write(remote.read_bytes())
+        os.replace(partial, local)
+    return local
+
+
 def open_source(path: str, image_root: str | None = None, split: str = "train"):
-    """A source for ``path``: a ``.json``/``.jsonl`` annotation file, or a TFDS ArrayRecord dataset directory."""
+    """A source for ``path``: a ``.json``/``.jsonl`` annotation file (local or remote, e.g. gs://; images are then
+    read from the remote file's directory unless ``image_root`` says otherwise), or a TFDS ArrayRecord dataset
+    directory."""
+    if "://" in path:
+        return LlavaJsonSource(local_copy(path), image_root=image_root or path.rsplit("/", 1)[0])
     if os.path.isdir(path):
         return ArrayRecordSource(path, split=split)
     return LlavaJsonSource(path, image_root=image_root)

@@ -42,7 +42,7 @@ def load_annotation_records(files: str) -> list[dict] | None:
     for path in (p.strip() for p in files.split(",") if p.strip()):
         if not path.endswith((".json", ".jsonl")):
             return None
-        source = sources.LlavaJsonSource(path)
+        source = sources.LlavaJsonSource(sources.local_copy(path))  # (a remote file: its local copy)
         records += [source.raw(i) for i in range(len(source))]
     return records
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -425,8 +426,8 @@ class Trainer:
         logger.info("eval at step %d: exact match %.3f over %d answers%s (%.0f s)", step, results["eval/exact_match"],
                     int(results["eval/num"]), f"; per type: {summary}" if summary else "", results["eval/seconds"])
         if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "eval_results.json"), "w") as f:
-                json.dump({"step": step, **results}, f, indent=1)
+            (epath.Path(self.workdir) / "eval_results.json").write_text(json.dumps({"step": step, **results},
+                                                                                   indent=1))
 
     def _finite_advice(self) -> str:
         newest = self.checkpointer.latest_step()

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 logger = logging.getLogger("leo_jax.train")
 
@@ -104,42 +105,58 @@ def _record_step(line: str) -> float:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per record, with 'step') + TensorBoard event files; process 0 only."""
+    """metrics.jsonl (one JSON object per record, with 'step') + TensorBoard event files; process 0 only.
+
+    The workdir may be remote (gs://... or another etils.epath / fsspec path): object stores cannot append, so
+    there metrics.jsonl is rewritten whole at each write (an atomic object write; a few thousand lines at most)."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.remote = "://" in str(workdir)
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lines = (self.path.read_text().splitlines(keepends=True) if self.remote and self.path.exists()
+                       else [])
+        self.jsonl = None if self.remote else open(self.path, "a")
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
     def truncate(self, step: int) -> None:
-        """Drops the records after `step` (a resumed run rewrites them), atomically (temp file + rename)."""
+        """Drops the records after `step` (a resumed run rewrites them), atomically (temp file + rename locally,
+        one object write remotely)."""
         if not self.active:
             return
+        if self.remote:
+            self._lines = [line for line in self._lines if _record_step(line) <= step]
+            self.path.write_text("".join(self._lines))
+            return
         self.jsonl.close()
-        path = self.jsonl.name
-        with open(path) as f:
-            kept = [line for line in f if _record_step(line) <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-        self.jsonl = open(path, "a")
+        kept = [line for line in self.path.read_text().splitlines(keepends=True) if _record_step(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        self.jsonl = open(self.path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
         clean = {k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **clean}) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         for key, value in scalars.items():
             self.tensorboard.add_scalar(key, value, step)
         self.tensorboard.flush()
 
     def close(self) -> None:
         if self.active:
-            self.jsonl.close()
+            if self.jsonl is not None:
+                self.jsonl.close()
             self.tensorboard.close()

@@ -29,7 +29,19 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> No
         logger.info("data.train_files is given (%s): the preset's built-in synthetic set is not used",
                     config.data.train_files)
         return
-    if jax.process_index() == 0 and not (os.path.exists(train_file) and os.path.exists(val_file)):
+    if "://" in out:
+        raise ValueError(f"the built-in synthetic set is written with local file I/O and {out} is remote: set "
+                         "--config.synthetic.dir to a local directory, or give data.train_files")
+    if jax.process_index() == 0:
+        _write_if_absent(spec, out, train_file, val_file)
+    distributed.allgather_json("synthetic_set_written", True)  # the other processes wait for process 0's set
+    config.data.train_files = train_file
+    config.data.eval_files = config.data.eval_files or val_file
+
+
+def _write_if_absent(spec: ml_collections.ConfigDict, out: str, train_file: str, val_file: str) -> None:
+    """Process 0's part: writes the set (or its val.jsonl, for a set from before that file existed)."""
+    if not (os.path.exists(train_file) and os.path.exists(val_file)):
         logger.info("writing the synthetic set (%d train / %d validation samples) to %s", spec.num, spec.val_num, out)
         info = synthetic.write_dataset(out, spec.num, spec.seed, val_num=spec.val_num, image_size=spec.image_size,
                                        multi_image_fraction=spec.multi_image_fraction,
@@ -39,6 +51,3 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> No
     elif not os.path.exists(os.path.join(out, "val.jsonl")):  # a set written before val.jsonl existed
         with open(val_file) as f:
             synthetic.write_benchmark_file(out, json.load(f))
-    distributed.allgather_json("synthetic_set_written", True)  # the other processes wait for process 0's set
-    config.data.train_files = train_file
-    config.data.eval_files = config.data.eval_files or val_file
