@@ -156,8 +156,9 @@ class Checkpointer:
 
     def restore_usable(self, abstract_state: TrainState, *, with_data: bool, fallback: bool
                        ) -> tuple[int, TrainState, Any]:
-        """(step, state, data position or None) of the newest checkpoint that reads back. An unreadable one is moved aside
-        with a warning and the previous one tried (`fallback`), else CheckpointReadError names it and the way out."""
+        """(step, state, data position or None) of the newest checkpoint that reads back. An unreadable one is moved
+        aside with a warning and the previous one tried (`fallback`), else CheckpointReadError names it and the way
+        out."""
         while True:
             step = self.latest_step()
             if step is None:
