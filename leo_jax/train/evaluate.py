@@ -16,6 +16,7 @@ process returns the same metrics.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,8 +75,8 @@ class Evaluator:
             if 0 <= self.max_batches <= batch_number:
                 break
             lengths = prompt_lengths(batch["loss_mask"])
-            local = {**device_batch(batch), "lengths": lengths}
-            inputs = {k: jax.make_array_from_process_local_data(data_sharding(mesh, v.ndim), np.asarray(v))
+            local = _pad_rows({**device_batch(batch), "lengths": lengths}, _local_batch_shards(mesh))
+            inputs = {k: jax.make_array_from_process_local_data(data_sharding(mesh, v.ndim), v)
                       for k, v in local.items()}
             lengths_global = inputs.pop("lengths")
             tokens = generate_from_batch(self.graphdef, (trainable, frozen), inputs, lengths_global, self.sampling)
@@ -88,6 +89,21 @@ class Evaluator:
         gathered = distributed.allgather_json("eval_answers", [indices, predictions, targets])
         indices, predictions, targets = ([x for one in gathered for x in one[i]] for i in range(3))
         return answer_metrics(indices, predictions, targets, self.raw_records)
+
+
+def _local_batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many slices of the batch axis this process's devices hold (its rows must divide evenly among them)."""
+    axes = data_sharding(mesh, 1).spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return max(math.prod(mesh.shape[a] for a in axes) // jax.process_count(), 1)
+
+
+def _pad_rows(local: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Appends empty rows (zeros: prompt length 0, nothing generated for them) up to a multiple of `multiple`, so any
+    eval batch size runs on any number of data-parallel devices."""
+    rows = len(local["lengths"])
+    extra = -rows % multiple
+    return {k: np.pad(np.asarray(v), [(0, extra)] + [(0, 0)] * (np.ndim(v) - 1)) for k, v in local.items()}
 
 
 def _target_answer(tokenizer, batch: Mapping[str, np.ndarray], row: int, length: int, stop_ids) -> str:
