@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-import grain
 import ml_collections
+import orbax.checkpoint as ocp
 import pytest
 
 from leo_jax.data import pipeline, synthetic, templates
@@ -98,13 +98,13 @@ def resume_config(trained: str, workdir: str, **train) -> ml_collections.ConfigD
 def test_error_exit_waits_for_the_pending_checkpoint(tmp_path, monkeypatch, caplog):
     """A data error right after `checkpoint 3 saving` (the write still in flight) leaves checkpoint 3 complete, and
     the log names it as the newest."""
-    original = grain.checkpoint.CheckpointHandler.save
+    original = ocp.JsonCheckpointHandler._save_fn  # the background write of the data position and the config
 
-    def slow_save(self, *args, **kwargs):
+    async def slow_save(self, *args, **kwargs):
         time.sleep(2.0)  # the background write is still running when the error comes
-        return original(self, *args, **kwargs)
+        return await original(self, *args, **kwargs)
 
-    monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", slow_save)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", slow_save)
     workdir = str(tmp_path)
     trainer = Trainer(llm_train_config(workdir, steps=6, checkpoint_every=3), workdir)
     trainer.setup()

@@ -230,18 +230,18 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path):
     os.makedirs(workdir)
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import grain
+        import orbax.checkpoint as ocp
         from train_helpers import llm_train_config
         from leo_jax.train.loop import Trainer
 
-        original = grain.checkpoint.CheckpointHandler.save
+        original = ocp.JsonCheckpointHandler._save_fn  # writes the data position and the config
 
-        def save(self, directory, *args, **kwargs):
+        async def save(self, item, directory, *args, **kwargs):
             if "/4." in str(directory) or str(directory).rstrip("/").split("/")[-2].startswith("4"):
                 os.kill(os.getpid(), signal.SIGKILL)  # the process dies in the middle of writing checkpoint 4
-            return original(self, directory, *args, **kwargs)
+            return await original(self, item, directory, *args, **kwargs)
 
-        grain.checkpoint.CheckpointHandler.save = save
+        ocp.JsonCheckpointHandler._save_fn = save
         Trainer(llm_train_config({workdir!r}, steps=6, checkpoint_every=2), {workdir!r}).run()
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
