@@ -147,7 +147,7 @@ def torch_model_and_inputs(config, batch_np: dict):
         from leo_jax.pytorch.leo_mini import LeoMiniForCausalLM
 
         images, patch_masks = {}, {}
-        for spec in cfg.expert_configs:  # the encoders' inputs, preprocessed once outside the timed steps
+        for spec in cfg.experts:  # the encoders' inputs, preprocessed once outside the timed steps
             x = batch_np[spec.batch_key]
             if spec.kind in PATCH_INPUT_KINDS:
                 images[spec.name], patch_masks[spec.name] = t(x), t(batch_np[f"patch_mask_{spec.name}"])

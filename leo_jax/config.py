@@ -7,7 +7,6 @@ import dataclasses
 import importlib
 import importlib.resources
 import importlib.util
-import json
 import types
 import typing
 from pathlib import Path
@@ -146,10 +145,44 @@ def parse_cli(parser, argv: Sequence[str]):
     return config, parser.parse_args(["--config", "x"] + rest)
 
 
+class FrozenDict(dict):
+    """An immutable, hashable dict: free-form config sections (rope scaling, preprocessor options) inside frozen
+    config dataclasses, so every config hashes by construction (JAX hashes module configs as part of a static graph
+    definition, e.g. a jitted generate). Serialises as a plain dict."""
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("a config section is immutable: build a new one (dataclasses.replace / {**section, ...})")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _immutable
+
+    def __hash__(self):
+        return hash(tuple(self.items()))
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+
+def freeze(value: Any) -> Any:
+    """Mappings -> FrozenDict and lists -> tuples, recursively; anything else as is."""
+    if isinstance(value, Mapping):
+        items = value.to_dict().items() if hasattr(value, "to_dict") else value.items()
+        return FrozenDict((k, freeze(v)) for k, v in items)
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a section of {annotation.__name__} fields, got {value!r}")
+        build = getattr(annotation, "from_config", None)
+        return build(value, where) if build else dataclass_from_config(annotation, value, where)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -171,10 +204,14 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         return tuple(_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict or annotation is dict:
+    if origin is dict or (isinstance(annotation, type) and issubclass(annotation, dict)):
         if not isinstance(value, Mapping):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+        args = typing.get_args(annotation)
+        if args and args[1] is not Any:
+            items = value.to_dict().items() if hasattr(value, "to_dict") else value.items()
+            return FrozenDict((k, _check_type(v, args[1], f"{where}.{k}")) for k, v in items)
+        return freeze(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true/false, got {value!r}")
@@ -195,8 +232,13 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
 
 
 def dataclass_from_config(cls: type, config: Mapping[str, Any], where: str):
-    """Builds a (frozen) dataclass from a config mapping; unknown, missing or ill-typed fields are errors that
-    name `where.field`. The dataclass's own `__post_init__` checks cross-field rules."""
+    """Builds a (frozen) dataclass from a config mapping, once: fields annotated with a dataclass type (alone, in a
+    tuple or as `dict[str, ...]` values) become nested dataclasses (through their `from_config` where they have
+    one), free-form dicts become FrozenDicts and sequences tuples, so the result hashes. Unknown, missing or
+    ill-typed fields are errors that name the full path (`where.field.subfield`). Each dataclass's own
+    `__post_init__` checks cross-field rules."""
+    if isinstance(config, cls):
+        return config
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - set(fields))
@@ -211,12 +253,6 @@ def dataclass_from_config(cls: type, config: Mapping[str, Any], where: str):
             continue
         kwargs[name] = _check_type(config[name], hints[name], f"{where}.{name}")
     return cls(**kwargs)
-
-
-def config_hash(config) -> int:
-    """Hash of a frozen config dataclass whose fields may hold dicts: JAX hashes module configs as part of a static
-    graph definition (e.g. a jitted generate), and dataclasses cannot hash dict fields themselves."""
-    return hash(json.dumps(dataclasses.asdict(config), sort_keys=True, default=repr))
 
 
 def require(condition: bool, message: str) -> None:

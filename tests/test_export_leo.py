@@ -18,7 +18,7 @@ from leo_jax.config import load_config
 from leo_jax.convert.api import abstract_model, module_from_params
 from leo_jax.convert import leo as leo_convert
 from leo_jax.convert.core import ConversionError, export_tensors, get_family
-from leo_jax.convert.leo import canonical, export_components
+from leo_jax.convert.leo import export_components
 from leo_jax.data.image_processing import get_preprocessor
 from leo_jax.models.registry import model_config
 from leo_jax.pytorch.leo import InternLM2ForCausalLM, LeoModel
@@ -53,7 +53,7 @@ def _random_model(cfg):
 def leo():
     """(config, tiny LEO (InternLM2 LLM) with random weights)."""
     config = load_config("tiny_leo")
-    return config, _random_model(canonical(model_config(config.model)))
+    return config, _random_model(model_config(config.model))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def _torch_inputs(config, cfg, batch) -> dict:
     """The official LeoModel inputs for the same batch: every slot's tile, SAM input made on the host with PIL."""
     tiles = np.asarray(batch["tiles"]).reshape(-1, *batch["tiles"].shape[2:])
     intern_pre = get_preprocessor("intern_vit", size=tiles.shape[1])
-    sam_pre = get_preprocessor("sam", longest_edge=cfg.sam_config.image_size)
+    sam_pre = get_preprocessor("sam", longest_edge=cfg.sam.image_size)
     return dict(pixel_values=_normalised(intern_pre, tiles),
                 pixel_values_sam=_normalised(sam_pre, np.stack([sam_pre.host(t) for t in tiles])),
                 input_ids=torch.from_numpy(np.array(batch["input_ids"])).long(),
@@ -135,8 +135,8 @@ def test_pytorch_leo_reproduces_jax_logits(leo, exported):
 def test_pytorch_leo_with_a_transformers_llm(leo, tmp_path):
     """The InternVL-style variant: a Qwen2 LLM (q/k/v biases) under language_model.* in transformers' names."""
     config, model = leo
-    llm = {**model.cfg.llm, "family": "qwen2", "qkv_bias": True, "rope_scaling": None}
-    qwen = _random_model(canonical(dataclasses.replace(model.cfg, llm=llm)))
+    llm = dataclasses.replace(model.cfg.llm, family="qwen2", qkv_bias=True, rope_scaling=None)
+    qwen = _random_model(dataclasses.replace(model.cfg, llm=llm))
     out = convert.export_module(qwen, "leo", tmp_path / "qwen")
     assert json.loads((out / "config.json").read_text())["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
     assert "language_model.model.layers.0.self_attn.q_proj.bias" in load_file(out / "model.safetensors")
@@ -235,7 +235,7 @@ def test_components_load_in_transformers(leo, tmp_path):
     dirs = export_components(model, tmp_path)
     assert sorted(dirs) == ["intern_vit", "llm", "sam"]
 
-    ids = np.random.default_rng(1).integers(0, model.cfg.llm_config.vocab_size, size=(2, 23)).astype(np.int32)
+    ids = np.random.default_rng(1).integers(0, model.cfg.llm.vocab_size, size=(2, 23)).astype(np.int32)
     jax_logits = np.asarray(model.llm(jnp.asarray(ids)))
     llama, llm_hf = _llama_from_internlm2(dirs["llm"])
     ours = InternLM2ForCausalLM(llm_hf)
@@ -288,7 +288,7 @@ def test_clear_errors(leo, exported, tmp_path):
         with pytest.raises(ConversionError, match=message):
             convert.load_hf(bad)
 
-    no_norm = dataclasses.replace(model.cfg, projector={**model.cfg.projector, "layer_norm": False})
+    no_norm = dataclasses.replace(model.cfg, projector=dataclasses.replace(model.cfg.projector, layer_norm=False))
     with pytest.raises(ConversionError, match=r"official LEO layout has LayerNorm"):
         get_family("leo").rules(no_norm)
 
@@ -325,7 +325,7 @@ def test_every_leo_preset_exports_a_config_the_official_code_builds(preset):
     device, no memory) loads the exported names and shapes strictly; the image-context id is a real token of the LLM
     (leo_8b: 92546, after InternLM2-chat's 92,544 tokens, <img> and </img>)."""
     config = load_config(preset)
-    cfg = canonical(model_config(config.model))
+    cfg = model_config(config.model)
     hf = json.loads(json.dumps(leo_convert.config_to_hf(cfg, leo_convert.data_fields(config.data))))
     sizes = _upstream_sizes(hf)
     llm_width = hf["llm_config"]["hidden_size"]
@@ -350,11 +350,11 @@ def test_every_leo_preset_exports_a_config_the_official_code_builds(preset):
 def test_official_sizing_rule_is_checked(leo):
     """The previous tiny preset (SAM neck 32 channels: mlp2 input 128, official 256) is named field by field."""
     config, model = leo
-    cfg = dataclasses.replace(model.cfg, sam={**model.cfg.sam, "output_channels": 32})
+    cfg = dataclasses.replace(model.cfg, sam=dataclasses.replace(model.cfg.sam, output_channels=32))
     problems = leo_convert.upstream_problems(leo_convert.config_to_hf(cfg, {}))
     assert len(problems) == 1
     assert "vision_config_2.output_channels=32 x downsample_ratio2=2^2 = 128" in problems[0]
     assert "vision_config_1.hidden_size=64 x (1 / downsample_ratio=0.5)^2 = 256" in problems[0]
-    qwen = dataclasses.replace(model.cfg, llm={**model.cfg.llm, "family": "qwen2", "qkv_bias": True})
+    qwen = dataclasses.replace(model.cfg, llm=dataclasses.replace(model.cfg.llm, family="qwen2", qkv_bias=True))
     assert "llm_config.architectures[0]='Qwen2ForCausalLM'" in leo_convert.upstream_problems(
-        leo_convert.config_to_hf(canonical(qwen), {}))[0]
+        leo_convert.config_to_hf(qwen, {}))[0]

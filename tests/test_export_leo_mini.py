@@ -3,6 +3,7 @@ multimodal batch (routing active, LoRA B non-zero), export -> import is bit-iden
 (finite gradients on LoRA / routers / CoTR), each component loads alone in transformers, and bad inputs fail clearly.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -232,7 +233,7 @@ def test_bad_inputs_fail_clearly(tiny):
         torch_model(**{**torch_inputs(model, batch), "images": {"clip": inputs["images"]["clip"]}})
 
     with pytest.raises(ConversionError, match="family='internlm2'"):
-        get_family("leo_mini").rules(config_with(model.cfg, llm={**model.cfg.llm, "family": "internlm2"}))
+        get_family("leo_mini").rules(config_with(model.cfg, llm=dataclasses.replace(model.cfg.llm, family="internlm2")))
 
 
 def test_five_more_expert_kinds_match_pytorch(tmp_path):
@@ -262,8 +263,8 @@ def test_five_more_expert_kinds_match_pytorch(tmp_path):
                {"kind": "intern_vit", "size": image}),
     ]
     base = model_config(config.model)
-    mmoe = {**base.llm["mmoe"], "targets": ("q_proj", "o_proj", "down_proj"), "top_k": 2, "renormalize": True}
-    model = random_model(config_with(base, experts=experts, llm={**base.llm, "mmoe": mmoe}), seed=3)
+    mmoe = dataclasses.replace(base.llm.mmoe, targets=("q_proj", "o_proj", "down_proj"), top_k=2, renormalize=True)
+    model = random_model(config_with(base, experts=experts, llm=dataclasses.replace(base.llm, mmoe=mmoe)), seed=3)
     out = api.export_module(model, "leo_mini", tmp_path / "hf")
     batch = hand_built_batch(model, num_images=2, seq_len=48)
     torch_model = LeoMiniForCausalLM.from_pretrained(out)
@@ -317,7 +318,7 @@ def test_main_command_cotr_options_survive_export(tiny, tmp_path):
     and the PyTorch model reproduces the logits; the options do change them, so the check is not vacuous."""
     base, batch, _, _ = tiny
     preset_cotr = load_config("tiny_leo_mini_train").model.cotr
-    cotr = dict(base.cfg.cotr, visual_bias=preset_cotr.visual_bias, spatial_prior=preset_cotr.spatial_prior)
+    cotr = dict(dataclasses.asdict(base.cfg.cotr), visual_bias=preset_cotr.visual_bias, spatial_prior=preset_cotr.spatial_prior)
     assert cotr["spatial_prior"] > 0 and not cotr["visual_bias"]
     model = random_model(config_with(base.cfg, cotr=cotr))
     out = api.export_module(model, "leo_mini", tmp_path / "hf")

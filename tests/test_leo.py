@@ -71,7 +71,7 @@ def test_full_size_presets_are_built_abstractly(preset, expected):
     encoders = ["clip_vit_l14_336", "eva02_large_336", "convnext_large", "pix2struct_large"]
     encoders += ["sam_vit_l"] if "vicuna" in preset else []
     assert counts["experts"] == sum(preset_count(name) for name in encoders)
-    d, inter, layers = cfg.llm_config.hidden_size, cfg.llm_config.intermediate_size, cfg.llm_config.num_layers
+    d, inter, layers = cfg.llm.hidden_size, cfg.llm.intermediate_size, cfg.llm.num_layers
     router = 2 * (d * 256 + 256) + (d + 512) * 256 + 256 + 256 * 3 + 3
     lora = 3 * (inter * 16 + 16 * d) + (inter * 16 + 16 * d)  # 3 routed rank-16 experts + the general one
     base = preset_count("vicuna_7b" if "vicuna" in preset else "llama3_8b")

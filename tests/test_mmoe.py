@@ -20,7 +20,7 @@ MMOE = dict(num_experts=3, rank=4, alpha=8.0, general_rank=2, general_alpha=2.0,
 
 def _config(**mmoe):
     return LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                     rms_norm_eps=1e-5, dtype="float32", mmoe={**MMOE, **mmoe})
+                     rms_norm_eps=1e-5, dtype="float32", mmoe=MMoEConfig(**{**MMOE, **mmoe}))
 
 
 def _randomise_lora(model, seed=0):
@@ -41,7 +41,7 @@ def _torch_reference(model: CausalLM, hf_dir):
     same LoRA/router weights, routed from each layer's input_layernorm output."""
     from transformers import LlamaForCausalLM
 
-    cfg, mcfg = model.cfg, model.cfg.mmoe_config
+    cfg, mcfg = model.cfg, model.cfg.mmoe
     ref = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     params = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
     t = lambda a: torch.tensor(np.ascontiguousarray(a))  # noqa: E731

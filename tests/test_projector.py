@@ -101,11 +101,11 @@ def test_projectors_equal_torch_modules(layer_norm):
 
 
 def test_projector_params_carry_logical_axes_and_config_errors_are_clear():
-    module = MLPProjector(ProjectorConfig(8, 4), rngs=nnx.Rngs(0))
+    module = MLPProjector(ProjectorConfig(in_features=8, out_features=4), rngs=nnx.Rngs(0))
     axes = {path: v.get_metadata()["axes"] for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     assert axes[("norm", "scale")] == ("norm",)
     assert axes[("mlp", "fc1", "kernel")] == ("embed", "mlp") and axes[("mlp", "fc2", "kernel")] == ("mlp", "embed")
     with pytest.raises(ValueError, match=r"config.projector: unknown field\(s\) \['width'\]"):
         ProjectorConfig.from_config({"in_features": 8, "out_features": 4, "width": 3})
     with pytest.raises(ValueError, match="config.projector.act='swish'"):
-        ProjectorConfig(8, 4, act="swish")
+        ProjectorConfig(in_features=8, out_features=4, act="swish")

@@ -22,7 +22,7 @@ def test_leo_tiles_follow_the_model(preset):
                                                     jnp.zeros((1, s, s, 3), jnp.uint8)), model)
     assert isinstance(kind, visual.LeoTiles)
     assert kind.tokens_per_tile == tokens.shape[1] == {"tiny_leo": 32, "leo_8b": 512}[preset]
-    assert kind.tile_size == model.cfg.intern_vit_config.image_size
+    assert kind.tile_size == model.cfg.intern_vit.image_size
     assert kind.slots == config.data.leo.max_tiles_per_row
     assert kind.preflight_counts() == {"tokens_per_tile": tokens.shape[1]}
 
@@ -33,11 +33,11 @@ def test_leo_mini_experts_follow_the_model(preset):
     kind = visual.for_config(config)
     cfg = model_config(config.model)
     assert isinstance(kind, visual.LeoMiniExperts)
-    assert [name for name, _ in kind.experts] == [spec.name for spec in cfg.expert_configs]
+    assert [name for name, _ in kind.experts] == [spec.name for spec in cfg.experts]
     assert kind.tokens_per_image == cfg.cotr_config.num_queries == {"tiny_leo_mini": 16}.get(preset, 64)
     assert kind.slots == config.data.leo_mini.max_images_per_row
     setup = kind.setup(kind.preprocessors())
-    assert set(setup.specs) >= {spec.batch_key for spec in cfg.expert_configs}
+    assert set(setup.specs) >= {spec.batch_key for spec in cfg.experts}
 
 
 @pytest.mark.parametrize("preset", ["tiny_leo_train", "tiny_leo_mini_train"])

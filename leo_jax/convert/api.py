@@ -125,22 +125,22 @@ def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: Any =
     'leo_mini', or the LLM's own family) and, with `components`, each part as a Hugging Face directory under
     out/components/ (the whole-model family module's `export_components`).
 
-    LEO / LEO-MINI directories also get the tokenizer (`tokenizer`, default the run's data.tokenizer), its
-    tokenizer_config.json with the training template as `chat_template`, and preprocessor_config.json, so the
+    Models with image inputs (LEO / LEO-MINI) also get the tokenizer (`tokenizer`, default the run's data.tokenizer),
+    its tokenizer_config.json with the training template as `chat_template`, and preprocessor_config.json, so the
     directory alone is enough; the model's image-context id must be that tokenizer's <IMG_CONTEXT>. A family with
     a reference implementation (LEO: the official code) refuses a config that code cannot build, naming the
     fields, unless `allow_nonofficial`."""
-    import importlib
-
-    from leo_jax.data import export_files, templates
+    from leo_jax.data import export_files, templates, visual
 
     model, config = load_trained(str(ckpt))
-    kind = config.model.kind
-    family = model.cfg.family if kind == "llm" else kind
+    family = model.cfg.export_family
     fam = get_family(family)
+    if components and fam.export_components is None:
+        raise ConversionError(f"--components applies to whole models (LEO / LEO-MINI); a {family} model is one "
+                              f"component")
     hf_fields = {}
-    if kind != "llm":
-        data = config.data.copy_and_resolve_references()
+    data = config.data.copy_and_resolve_references()
+    if visual.for_model(model.cfg, data).preprocessors():  # image inputs: ship tokenizer and preprocessing
         data.tokenizer = tokenizer or data.tokenizer
         if not data.tokenizer:
             raise ConversionError(f"{ckpt}: the run's config has no data.tokenizer; pass --tokenizer PATH (the "
@@ -150,7 +150,7 @@ def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: Any =
         if problems and not allow_nonofficial:
             raise ConversionError(f"the official {family} code cannot build this model: " + "; ".join(problems)
                                   + " (--allow-nonofficial exports it anyway, for leo_jax.pytorch only)")
-        shipped = export_files.write_processing_files(model.cfg, data, kind, out)
+        shipped = export_files.write_processing_files(model.cfg, data, out)
         context_id = shipped.token_to_id(templates.IMG_CONTEXT)
         if context_id != model.cfg.image_context_id:
             raise ConversionError(f"config.model.image_context_id={model.cfg.image_context_id} but the tokenizer "
@@ -158,9 +158,7 @@ def export_trained(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: Any =
                                   f"tokenizer the model was trained with (--tokenizer)")
     path = export_module(model, family, out, dtype=dtype, hf_config=hf_fields, max_shard_bytes=max_shard_bytes)
     if components:
-        if kind == "llm":
-            raise ConversionError("--components applies to LEO / LEO-MINI checkpoints; an LLM is one component")
-        importlib.import_module(f"leo_jax.convert.{kind}").export_components(model, Path(out) / "components", dtype)
+        fam.export_components(model, Path(out) / "components", dtype)
     return path
 
 

@@ -101,6 +101,8 @@ class Family:
     data_fields: Callable[[Any], dict] = lambda data_config: {}
     # config.json -> what keeps the family's reference code (e.g. the official LEO) from building it; [] = nothing
     upstream_problems: Callable[[dict], list[str]] = lambda hf: []
+    # whole models: (module, out dir, dtype) -> {part: its own Hugging Face directory}; None = one component
+    export_components: Callable[..., dict] | None = None
 
 
 FAMILIES: dict[str, Family] = {}

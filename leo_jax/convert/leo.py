@@ -35,7 +35,7 @@ from leo_jax.convert.core import ConversionError, Family, Rule, prefixed, regist
 from leo_jax.convert.vit import linear_with_bias, norm
 from leo_jax.data import templates
 from leo_jax.models.leo import Leo, LeoConfig
-from leo_jax.models.projector import ProjectorConfig, torch_projector_names
+from leo_jax.models.projector import ProjectorOptions, torch_projector_names
 
 MODEL_TYPE = "hybrid_chat"  # the official LeoConfig.model_type
 LEO_JAX_KEY = "leo_jax"
@@ -50,36 +50,22 @@ OFFICIAL_DEFAULTS = dict(template="internlm2-chat", system_message=templates.LEO
 UPSTREAM_TEMPLATES = {"InternLM2ForCausalLM": ("internlm2-chat", "Hermes-2"), "Phi3ForCausalLM": ("phi3-chat",)}
 
 
-def _projector_fields(cfg: LeoConfig) -> dict:
-    """The projector's config as stored in LeoConfig.projector (all fields but the derived in/out widths)."""
-    fields = dataclasses.asdict(cfg.projector_config(cfg.intern_features))
-    return {k: v for k, v in fields.items() if k not in ("in_features", "out_features")}
-
-
-def canonical(cfg: LeoConfig) -> LeoConfig:
-    """`cfg` with every sub-config written out in full (defaults filled in, tuples as tuples): the form import
-    returns, so equal models have equal configs whether they came from a preset or a config.json."""
-    return dataclasses.replace(cfg, intern_vit=dataclasses.asdict(cfg.intern_vit_config),
-                               sam=dataclasses.asdict(cfg.sam_config), llm=dataclasses.asdict(cfg.llm_config),
-                               projector=_projector_fields(cfg))
-
-
 def _check_official_projector(cfg: LeoConfig) -> None:
-    projector: ProjectorConfig = cfg.projector_config(cfg.intern_features)
+    projector = cfg.projector
     if not projector.layer_norm or projector.act != "gelu" or projector.norm_eps != 1e-5:
-        raise ConversionError(f"config.model.projector={cfg.projector}: the official LEO layout has LayerNorm(eps "
-                              f"1e-5) -> Linear -> GELU -> Linear projectors (layer_norm=True, act='gelu')")
+        raise ConversionError(f"config.model.projector={dataclasses.asdict(projector)}: the official LEO layout has "
+                              f"LayerNorm(eps 1e-5) -> Linear -> GELU -> Linear projectors (layer_norm=True, act='gelu')")
 
 
 # ---- config.json ---------------------------------------------------------------------------------------------------
 
 def config_to_hf(cfg: LeoConfig, original: dict) -> dict:
     """Official LeoConfig fields (taken from `original` where it has them) + img_context_token_id + "leo_jax"."""
-    intern_cfg, llm_cfg = cfg.intern_vit_config, cfg.llm_config
+    intern_cfg, llm_cfg = cfg.intern_vit, cfg.llm
     hf = {**OFFICIAL_DEFAULTS, **original}
-    vision_2 = sam.config_to_hf(cfg.sam_config, dict(original.get("vision_config_2", {})))
+    vision_2 = sam.config_to_hf(cfg.sam, dict(original.get("vision_config_2", {})))
     vision_2.pop("architectures", None)  # LEO's SAM is a bare SamVisionEncoder, not a SamVisionModel
-    vision_2.update(attention_dropout=0.0, mlp_ratio=cfg.sam_config.mlp_dim / cfg.sam_config.hidden_size)
+    vision_2.update(attention_dropout=0.0, mlp_ratio=cfg.sam.mlp_dim / cfg.sam.hidden_size)
     vision_1 = intern_vit.original_config_to_hf(intern_cfg, dict(original.get("vision_config_1", {})))
     vision_1.update(use_flash_attn=False, dropout=0.0, attention_dropout=0.0)
     llm_hf = llm._llm_config_to_hf(llm_cfg, dict(original.get("llm_config", {})))
@@ -91,7 +77,7 @@ def config_to_hf(cfg: LeoConfig, original: dict) -> dict:
         downsample_ratio=cfg.intern_unshuffle, downsample_ratio2=cfg.sam_unshuffle, ps_version="v2",
         select_layer=intern_cfg.output_layer, force_image_size=intern_cfg.image_size,
         img_context_token_id=cfg.image_context_id, num_image_token=cfg.tokens_per_tile())
-    hf[LEO_JAX_KEY] = dataclasses.asdict(canonical(cfg))
+    hf[LEO_JAX_KEY] = dataclasses.asdict(cfg)
     return hf
 
 
@@ -168,28 +154,27 @@ def _config_from_official(hf: dict) -> LeoConfig:
         raise ConversionError(f"config.json: llm_config.architectures[0]={arch!r} is not supported; use one of "
                               f"{sorted(LLM_ARCHITECTURES)}")
     context_id = hf.get("img_context_token_id")  # the official code sets it from the tokenizer at run time
-    projector = {"layer_norm": True, "act": "gelu", "norm_eps": 1e-5, "dtype": "float32", "param_dtype": "float32"}
+    projector = ProjectorOptions(layer_norm=True, act="gelu", norm_eps=1e-5, dtype="float32", param_dtype="float32")
     try:
         intern_cfg = dataclasses.replace(intern_vit.original_config_from_hf(vision_1),
                                          output_layer=int(hf.get("select_layer", -1)))
-        cfg = LeoConfig(intern_vit=dataclasses.asdict(intern_cfg),
-                        sam=dataclasses.asdict(sam.config_from_hf(vision_2)),
-                        llm=dataclasses.asdict(llm._llm_config_from_hf(llm_hf, LLM_ARCHITECTURES[arch])),
-                        projector=projector, intern_unshuffle=float(hf.get("downsample_ratio", 0.5)),
+        cfg = LeoConfig(intern_vit=intern_cfg, sam=sam.config_from_hf(vision_2),
+                        llm=llm._llm_config_from_hf(llm_hf, LLM_ARCHITECTURES[arch]), projector=projector,
+                        intern_unshuffle=float(hf.get("downsample_ratio", 0.5)),
                         sam_unshuffle=int(hf.get("downsample_ratio2", 4)),
                         image_context_id=-1 if context_id is None else int(context_id))
     except ConversionError:
         raise
     except ValueError as e:
         raise ConversionError(f"config.json describes no valid LEO model: {e}") from e
-    return canonical(cfg)
+    return cfg
 
 
 def config_from_hf(hf: dict) -> LeoConfig:
     if LEO_JAX_KEY not in hf:
         return _config_from_official(hf)
     try:
-        cfg = canonical(LeoConfig.from_config(hf[LEO_JAX_KEY], f"config.json:{LEO_JAX_KEY}"))
+        cfg = LeoConfig.from_config(hf[LEO_JAX_KEY], f"config.json:{LEO_JAX_KEY}")
     except ValueError as e:
         raise ConversionError(str(e)) from e
     # the official fields are what PyTorch users read: they must describe the same model
@@ -202,13 +187,9 @@ def config_from_hf(hf: dict) -> LeoConfig:
 
 def with_dtype(cfg: LeoConfig, dtype: str | None, param_dtype: str | None) -> LeoConfig:
     """Compute / storage dtype for every part (encoders, projectors, LLM); None keeps each part's own."""
-    cfg = canonical(cfg)
-
-    def set_dtypes(fields: dict) -> dict:
-        return {**fields, "dtype": dtype or fields["dtype"], "param_dtype": param_dtype or fields["param_dtype"]}
-
-    return dataclasses.replace(cfg, intern_vit=set_dtypes(cfg.intern_vit), sam=set_dtypes(cfg.sam),
-                               llm=set_dtypes(cfg.llm), projector=set_dtypes(cfg.projector))
+    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    return dataclasses.replace(cfg, **{part: dataclasses.replace(getattr(cfg, part), **changes)
+                                       for part in ("intern_vit", "sam", "llm", "projector")})
 
 
 # ---- tensor names --------------------------------------------------------------------------------------------------
@@ -222,23 +203,17 @@ def _projector_rules(hf_prefix: str, jax_prefix: str) -> list[Rule]:
 
 def rules(cfg: LeoConfig) -> list[Rule]:
     _check_official_projector(cfg)
-    llm_cfg = cfg.llm_config
+    llm_cfg = cfg.llm
     if llm_cfg.family not in LLM_RULES:
         raise ConversionError(f"config.model.llm.family={llm_cfg.family!r} has no official LEO layout; use one of "
                               f"{sorted(LLM_RULES)}")
     sam_rules = [dataclasses.replace(r, hf=tuple(n.removeprefix(sam.PREFIX) for n in r.hf))
-                 for r in sam.rules(cfg.sam_config)]
-    return [*prefixed(intern_vit.original_rules(cfg.intern_vit_config), "vision_model_1.", "intern_vit/"),
+                 for r in sam.rules(cfg.sam)]
+    return [*prefixed(intern_vit.original_rules(cfg.intern_vit), "vision_model_1.", "intern_vit/"),
             *prefixed(sam_rules, "vision_model_2.", "sam/"),
             *_projector_rules("mlp1.", "projector_intern/"),
             *_projector_rules("mlp2.", "projector_sam/"),
             *prefixed(LLM_RULES[llm_cfg.family](llm_cfg), "language_model.", "llm/")]
-
-
-LEO = register(Family(
-    name="leo", model_types=(MODEL_TYPE,), config_cls=LeoConfig, config_from_hf=config_from_hf,
-    config_to_hf=config_to_hf, build=Leo, rules=rules, ignored_hf=("rotary_emb.inv_freq",), with_dtype=with_dtype,
-    data_fields=data_fields, upstream_problems=upstream_problems))
 
 
 # ---- components ----------------------------------------------------------------------------------------------------
@@ -248,7 +223,14 @@ def export_components(model: Leo, out_dir: str | os.PathLike, dtype: str | None 
     names, or Llama/Qwen2 for transformers), 'intern_vit' (transformers InternVLVisionModel), 'sam' (transformers
     SamVisionModel). Returns {part: directory}."""
     out = Path(out_dir)
-    parts: dict[str, tuple[Any, str]] = {"llm": (model.llm, model.cfg.llm_config.family),
+    parts: dict[str, tuple[Any, str]] = {"llm": (model.llm, model.cfg.llm.family),
                                          "intern_vit": (model.intern_vit, "intern_vit"),
                                          "sam": (model.sam, "sam_vision")}
     return {name: export_module(module, family, out / name, dtype) for name, (module, family) in parts.items()}
+
+
+LEO = register(Family(
+    name="leo", model_types=(MODEL_TYPE,), config_cls=LeoConfig, config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf, build=Leo, rules=rules, ignored_hf=("rotary_emb.inv_freq",), with_dtype=with_dtype,
+    data_fields=data_fields, upstream_problems=upstream_problems,
+    export_components=export_components))

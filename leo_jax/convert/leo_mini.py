@@ -47,7 +47,7 @@ TOKEN_FIELDS = ("output_layer", "output_stage", "interpolate_pos_encoding", "pos
 def _expert_encoder_config(spec: VisionExpertConfig) -> Any:
     """The expert's encoder config in the layout of the transformers model class (ConvNextModel names, not the
     classifier checkpoint's `convnext.` prefix)."""
-    cfg = spec.encoder_config()
+    cfg = spec.encoder
     return dataclasses.replace(cfg, checkpoint_prefix="") if spec.kind == "convnext" else cfg
 
 
@@ -57,21 +57,21 @@ def _target_module(target: str) -> str:
 
 
 def _check_llm(cfg: LeoMiniConfig) -> None:
-    family = cfg.llm_config.family
+    family = cfg.llm.family
     if family not in LLM_FAMILIES:
         raise ConversionError(f"config.model.llm.family={family!r}: a LEO-MINI export writes its LLM in transformers "
                               f"naming, available for {LLM_FAMILIES}")
-    if cfg.llm_config.mmoe_config is None:
+    if cfg.llm.mmoe is None:
         raise ConversionError("config.model.llm.mmoe is missing: LEO-MINI's LLM carries MMoE LoRA experts")
 
 
 def config_to_hf(cfg: LeoMiniConfig, original: dict) -> dict:
     _check_llm(cfg)
-    llm = cfg.llm_config
+    llm = cfg.llm
     text = get_family(llm.family).config_to_hf(dataclasses.replace(llm, mmoe=None), original.get("text_config", {}))
     original_experts = {e.get("name"): e for e in original.get("vision_experts", [])}
     experts = []
-    for spec, (tokens, width) in zip(cfg.expert_configs, cfg.expert_shapes):
+    for spec, (tokens, width) in zip(cfg.experts, cfg.expert_shapes):
         encoder = _expert_encoder_config(spec)
         entry = dict(name=spec.name, kind=spec.kind, grid=spec.grid, tokens=tokens, width=width,
                      config=get_family(spec.kind).config_to_hf(
@@ -82,7 +82,7 @@ def config_to_hf(cfg: LeoMiniConfig, original: dict) -> dict:
     hf = dict(original)
     hf.update(
         model_type="leo_mini", architectures=["LeoMiniForCausalLM"], leo_jax=dataclasses.asdict(cfg),
-        vision_experts=experts, text_config=text, mmoe=dataclasses.asdict(llm.mmoe_config),
+        vision_experts=experts, text_config=text, mmoe=dataclasses.asdict(llm.mmoe),
         cotr=dict(expert_widths=list(cotr.expert_widths), expert_tokens=list(cotr.expert_tokens),
                   text_width=cotr.text_width, num_queries=cotr.num_queries, proj_width=cotr.proj_width,
                   pooling=cotr.pooling, scale=cotr.scale, visual_bias=cotr.visual_bias,
@@ -103,13 +103,9 @@ def config_from_hf(hf: dict) -> LeoMiniConfig:
 def with_dtype(cfg: LeoMiniConfig, dtype: str | None, param_dtype: str | None) -> LeoMiniConfig:
     """Compute / storage dtypes of every component (experts, CoTR, projector, LLM); None keeps each part's own."""
     changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-
-    def set_dtypes(fields: dict) -> dict:
-        return {**fields, **changes}
-
-    return dataclasses.replace(cfg, experts=tuple({**e, "encoder": set_dtypes(e["encoder"])} for e in cfg.experts),
-                               llm=set_dtypes(cfg.llm), cotr=set_dtypes(cfg.cotr),
-                               projector=set_dtypes(cfg.projector))
+    experts = tuple(dataclasses.replace(e, encoder=dataclasses.replace(e.encoder, **changes)) for e in cfg.experts)
+    return dataclasses.replace(cfg, experts=experts, **{part: dataclasses.replace(getattr(cfg, part), **changes)
+                                                       for part in ("llm", "cotr", "projector")})
 
 
 def _lora(hf: str, jax_path: str, layers, factor: str) -> Rule:
@@ -122,8 +118,8 @@ def _lora(hf: str, jax_path: str, layers, factor: str) -> Rule:
 
 
 def _llm_rules(cfg: LeoMiniConfig) -> list[Rule]:
-    llm = cfg.llm_config
-    mmoe: MMoEConfig = llm.mmoe_config
+    llm = cfg.llm
+    mmoe: MMoEConfig = llm.mmoe
     wrapped = [f".{_target_module(t)}." for t in mmoe.targets]
 
     def base_name(name: str) -> str:  # a target's own weight/bias is MMoELinear's `base`
@@ -147,11 +143,11 @@ def _llm_rules(cfg: LeoMiniConfig) -> list[Rule]:
 def rules(cfg: LeoMiniConfig) -> list[Rule]:
     _check_llm(cfg)
     out = []
-    for spec in cfg.expert_configs:
+    for spec in cfg.experts:
         out += prefixed(get_family(spec.kind).rules(_expert_encoder_config(spec)), f"vision_experts.{spec.name}.",
                         f"experts/{spec.name}/")
     cotr = cfg.cotr_config
-    for i in range(len(cfg.expert_configs) if cotr.learned else 0):  # the fixed reductions have no weights
+    for i in range(len(cfg.experts) if cotr.learned else 0):  # the fixed reductions have no weights
         hf, jx = f"cotr.experts.{i}.", f"cotr/experts/{i}/"
         out += [copy(hf + "query", jx + "query"), linear(hf + "query_proj.weight", jx + "query_proj/kernel"),
                 linear(hf + "token_proj.weight", jx + "token_proj/kernel")]
@@ -161,10 +157,6 @@ def rules(cfg: LeoMiniConfig) -> list[Rule]:
         out += linear_with_bias(f"projector.{index}", "projector/" + path.replace(".", "/"), None)
     return out + _llm_rules(cfg)
 
-
-LEO_MINI = register(Family(
-    name="leo_mini", model_types=("leo_mini",), config_cls=LeoMiniConfig, config_from_hf=config_from_hf,
-    config_to_hf=config_to_hf, build=LeoMini, rules=rules, with_dtype=with_dtype))
 
 LLM_NOTE = ("the base LLM of a LEO-MINI model: the MMoE LoRA experts and routers are not included (they are in the "
             "whole-model 'leo_mini' export); this LLM alone is LEO-MINI with every LoRA delta left out")
@@ -178,10 +170,16 @@ def export_components(model: LeoMini, out_dir: str | Path, dtype: str | None = N
 
     _check_llm(model.cfg)
     out = Path(out_dir)
-    llm_family = model.cfg.llm_config.family
+    llm_family = model.cfg.llm.family
     paths = {"llm": export_module(model.llm, llm_family, out / "llm", dtype=dtype,
                                   hf_config={"leo_mini_note": LLM_NOTE})}
     for spec in model.specs:
         relative = f"vision_experts/{spec.name}"
         paths[relative] = export_module(model.experts[spec.name], spec.kind, out / relative, dtype=dtype)
     return paths
+
+
+LEO_MINI = register(Family(
+    name="leo_mini", model_types=("leo_mini",), config_cls=LeoMiniConfig, config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf, build=LeoMini, rules=rules, with_dtype=with_dtype,
+    export_components=export_components))

@@ -27,10 +27,11 @@ def write_tokenizer_files(tokenizer: Tokenizer, template_name: str, seq_len: int
     _write_json(out / "tokenizer_config.json", config)
 
 
-def preprocessor_config(model_cfg, data_config, model_kind: str) -> dict:
-    """{'model_kind', 'encoders': {model input name: preprocessor settings}, LEO: 'tiling' (its data-side kind)}."""
-    config: dict = {"model_kind": model_kind, "encoders": {name: pre.settings() for name, pre in
-                                                           visual.input_preprocessors(model_cfg).items()}}
+def preprocessor_config(model_cfg, data_config) -> dict:
+    """{'model_kind' (the model's export family), 'encoders': {model input name: preprocessor settings}, LEO: 'tiling'
+    (its data-side kind)}."""
+    config: dict = {"model_kind": model_cfg.export_family, "encoders": {name: pre.settings() for name, pre in
+                                                                        visual.input_preprocessors(model_cfg).items()}}
     kind = visual.for_model(model_cfg, data_config)
     if isinstance(kind, visual.LeoTiles):
         config["tiling"] = {"tile_size": kind.tile_size, "min_tiles": kind.min_tiles, "max_tiles": kind.max_tiles,
@@ -41,14 +42,14 @@ def preprocessor_config(model_cfg, data_config, model_kind: str) -> dict:
     return config
 
 
-def write_processing_files(model_cfg, data_config, model_kind: str, out: str | Path) -> Tokenizer:
+def write_processing_files(model_cfg, data_config, out: str | Path) -> Tokenizer:
     """Writes the tokenizer files and preprocessor_config.json into `out`; returns the tokenizer (image tokens
     registered, as in training)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.prepare_tokenizer(data_config)
     write_tokenizer_files(tokenizer, data_config.template, data_config.seq_len, out)
-    _write_json(out / "preprocessor_config.json", preprocessor_config(model_cfg, data_config, model_kind))
+    _write_json(out / "preprocessor_config.json", preprocessor_config(model_cfg, data_config))
     return tokenizer
 
 

@@ -110,10 +110,10 @@ class LeoTiles:
     def from_model(cls, cfg: LeoConfig, data_config) -> "LeoTiles":
         """Tile size and tokens per tile from the model; `data.leo` gives the tiling budget, slots and augmentation
         (`sam_size` 0: SAM inputs ship at tile size, ~5x fewer host->device bytes than 1024 px)."""
-        kind = cls.from_data(data_config, cfg.intern_vit_config.image_size, cfg.tokens_per_tile())
-        if kind.sam_size > cfg.sam_config.image_size:
+        kind = cls.from_data(data_config, cfg.intern_vit.image_size, cfg.tokens_per_tile())
+        if kind.sam_size > cfg.sam.image_size:
             raise ValueError(f"data.leo.sam_size={kind.sam_size} is larger than the model's SAM input "
-                             f"(config.model.sam.image_size={cfg.sam_config.image_size}); use 0 (the tile size) or "
+                             f"(config.model.sam.image_size={cfg.sam.image_size}); use 0 (the tile size) or "
                              "at most the SAM input size")
         return kind
 
@@ -131,7 +131,7 @@ class LeoTiles:
         """Input name (the official LEO forward's) -> the full preprocessing of that input, the model's device
         normalisation included: InternViT at the tile size, SAM at its own image size (longest side, padded square),
         each with its encoder config's mean/std."""
-        intern, sam = cfg.intern_vit_config, cfg.sam_config
+        intern, sam = cfg.intern_vit, cfg.sam
         return {"pixel_values": image_processing.get_preprocessor("intern_vit", size=intern.image_size,
                                                                   mean=intern.pixel_mean, std=intern.pixel_std),
                 "pixel_values_sam": image_processing.get_preprocessor("sam", longest_edge=sam.image_size,
@@ -195,7 +195,7 @@ class LeoMiniExperts:
     def from_model(cls, cfg: LeoMiniConfig, data_config) -> "LeoMiniExperts":
         """Experts and their preprocessors and the tokens per image from the model; `data.leo_mini` gives the
         image slots per row."""
-        return cls.from_data(data_config, {spec.name: spec.processor for spec in cfg.expert_configs},
+        return cls.from_data(data_config, {spec.name: spec.processor for spec in cfg.experts},
                              cfg.visual_tokens_per_image())
 
     @classmethod
@@ -212,10 +212,10 @@ class LeoMiniExperts:
         """Batch key of each expert's input -> the full preprocessing of that input: the expert's host processor
         with its encoder config's mean/std (Pix2Struct standardises each image on the host)."""
         out = {}
-        for spec in cfg.expert_configs:
+        for spec in cfg.experts:
             options = dict(spec.processor)
             if spec.kind not in PATCH_INPUT_KINDS:
-                encoder = spec.encoder_config()
+                encoder = spec.encoder
                 options.update(mean=encoder.pixel_mean, std=encoder.pixel_std)
             out[spec.batch_key] = image_processing.get_preprocessor(options.pop("kind"), **options)
         return out

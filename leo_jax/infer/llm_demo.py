@@ -18,7 +18,8 @@ from flax import nnx
 from leo_jax.config import config_from_argv
 from leo_jax.convert import load_hf
 from leo_jax.infer.generate import SamplingConfig, generate
-from leo_jax.models.registry import build_model
+from leo_jax.models.llm.decoder import LLMConfig
+from leo_jax.models.registry import build_model, model_config
 from leo_jax.sharding import build_mesh, shard_module
 
 
@@ -35,10 +36,12 @@ def main(argv=None) -> int:
         argv += ["--config", args.config]
     try:
         config, _ = config_from_argv(argv)
+        model_cfg = model_config(config.model)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    if config.model.kind != "llm":
-        parser.error(f"--config {args.config}: this demo runs LLM presets (model.kind 'llm'), got {config.model.kind!r}")
+    if not isinstance(model_cfg, LLMConfig):
+        parser.error(f"--config {args.config}: this demo runs LLM presets (a plain decoder), got a "
+                     f"{type(model_cfg).__name__} (model.kind {config.model.kind!r})")
 
     mesh = build_mesh(config.mesh)
     model = load_hf(args.hf) if args.hf else build_model(config.model, nnx.Rngs(config.seed))

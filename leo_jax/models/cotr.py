@@ -35,11 +35,9 @@ MODES = ("cotr", "avg_pool", "keep_all")
 
 
 @dataclasses.dataclass(frozen=True)
-class CoTRConfig:
-    """CoTR over a list of vision experts: expert i gives `expert_tokens[i]` tokens of width `expert_widths[i]`.
-
-    expert_tokens are the (maximum) token counts N_i; inputs must have exactly that many tokens, shorter expert
-    outputs are padded and masked. Points the published equations leave open, each a field whose default is the public
+class CoTROptions:
+    """The configurable part of CoTR (LEO-MINI's `cotr` section); the model derives the expert widths and token counts
+    and the text width (CoTRConfig). Points the published equations leave open, each a field whose default is the public
     reimplementation's reading of the paper:
     - pooling: how the three bias rows pool tokens: 'sum' (default, "sum_tokens" in the equations) or 'mean'
       (over the valid tokens; makes the bias independent of token counts and prompt length).
@@ -64,9 +62,6 @@ class CoTRConfig:
     Queries are initialised N(0, initializer_range^2) (not stated in the paper).
     """
 
-    expert_widths: tuple[int, ...]
-    expert_tokens: tuple[int, ...]
-    text_width: int
     num_queries: int = 64
     proj_width: int = 256
     pooling: str = "sum"
@@ -81,17 +76,41 @@ class CoTRConfig:
 
     def __post_init__(self):
         w = "config.cotr"
+        for name in ("num_queries", "proj_width"):
+            require(getattr(self, name) > 0, f"{w}.{name} must be positive, got {getattr(self, name)}")
+        require(self.pooling in POOLINGS, f"{w}.pooling={self.pooling!r}: use one of {POOLINGS}")
+        require(self.scale in SCALES, f"{w}.scale={self.scale!r}: use one of {SCALES}")
+        require(self.mode in MODES, f"{w}.mode={self.mode!r}: use one of {MODES}")
+        require(self.spatial_prior >= 0, f"{w}.spatial_prior must be >= 0 (0 = off), got {self.spatial_prior}")
+        check_numerics(self, w)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.cotr") -> "CoTROptions":
+        """Also builds the subclass (derived widths given)."""
+        return dataclass_from_config(cls, config, where)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CoTRConfig(CoTROptions):
+    """CoTR over a list of vision experts: expert i gives `expert_tokens[i]` tokens of width `expert_widths[i]`.
+
+    expert_tokens are the (maximum) token counts N_i; inputs must have exactly that many tokens, shorter expert
+    outputs are padded and masked."""
+
+    expert_widths: tuple[int, ...]
+    expert_tokens: tuple[int, ...]
+    text_width: int
+
+    def __post_init__(self):
+        w = "config.cotr"
         require(len(self.expert_widths) > 0, f"{w}.expert_widths is empty: CoTR needs at least one vision expert")
         require(len(self.expert_widths) == len(self.expert_tokens),
                 f"{w}: expert_widths has {len(self.expert_widths)} entries but expert_tokens has "
                 f"{len(self.expert_tokens)}; give one width and one token count per expert")
         for name in ("expert_widths", "expert_tokens"):
             require(all(v > 0 for v in getattr(self, name)), f"{w}.{name} must be positive, got {getattr(self, name)}")
-        for name in ("text_width", "num_queries", "proj_width"):
-            require(getattr(self, name) > 0, f"{w}.{name} must be positive, got {getattr(self, name)}")
-        require(self.pooling in POOLINGS, f"{w}.pooling={self.pooling!r}: use one of {POOLINGS}")
-        require(self.scale in SCALES, f"{w}.scale={self.scale!r}: use one of {SCALES}")
-        require(self.mode in MODES, f"{w}.mode={self.mode!r}: use one of {MODES}")
+        require(self.text_width > 0, f"{w}.text_width must be positive, got {self.text_width}")
+        super().__post_init__()
         if self.mode == "avg_pool":
             side = math.isqrt(self.num_queries)
             for i, n in enumerate(self.expert_tokens):
@@ -104,18 +123,19 @@ class CoTRConfig:
             require(len(set(self.expert_tokens)) == 1,
                     f"{w}.mode='keep_all' concatenates the experts' tokens along channels, so every expert needs the "
                     f"same token count, got expert_tokens={self.expert_tokens}; set the experts' grids to match")
-        require(self.spatial_prior >= 0, f"{w}.spatial_prior must be >= 0 (0 = off), got {self.spatial_prior}")
         if self.spatial_prior > 0:
             for name, count in [("num_queries", self.num_queries)] + [
                     (f"expert_tokens[{i}]", n) for i, n in enumerate(self.expert_tokens)]:
                 require(math.isqrt(count) ** 2 == count,
                         f"{w}.{name}={count} is not a square grid; spatial_prior needs square query and token grids "
                         f"(or set {w}.spatial_prior=0)")
-        check_numerics(self, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.cotr") -> "CoTRConfig":
-        return dataclass_from_config(cls, config, where)
+    def from_options(cls, options: CoTROptions, expert_widths: tuple[int, ...], expert_tokens: tuple[int, ...],
+                     text_width: int) -> "CoTRConfig":
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(CoTROptions)}
+        return cls(**fields, expert_widths=tuple(expert_widths), expert_tokens=tuple(expert_tokens),
+                   text_width=text_width)
 
     @property
     def learned(self) -> bool:

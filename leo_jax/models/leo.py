@@ -9,16 +9,17 @@ batch, text-only ones included.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.config import config_hash, dataclass_from_config, require
+from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.pixels import longest_edge_padded, normalize
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
-from leo_jax.models.projector import MLPProjector, ProjectorConfig, pixel_unshuffle_internvl, pixel_unshuffle_torch
+from leo_jax.models.projector import (MLPProjector, ProjectorConfig, ProjectorOptions, pixel_unshuffle_internvl,
+                                      pixel_unshuffle_torch)
 from leo_jax.models.vision.intern_vit import InternViT, InternViTConfig
 from leo_jax.models.vision.sam import SamVisionConfig, SamVisionEncoder
 from leo_jax.models.visual_tokens import check_context_tokens, scatter_visual_tokens
@@ -27,55 +28,39 @@ from leo_jax.models.visual_tokens import check_context_tokens, scatter_visual_to
 @dataclasses.dataclass(frozen=True)
 class LeoConfig:
     visual_count = "tiles"  # the batch count (metrics.batch_counts) that forward_flops takes
-    intern_vit: dict
-    sam: dict
-    llm: dict
-    projector: dict = dataclasses.field(default_factory=dict)  # ProjectorConfig fields but in/out (derived)
+    intern_vit: InternViTConfig
+    sam: SamVisionConfig
+    llm: LLMConfig
+    projector: ProjectorOptions = ProjectorOptions()  # both projectors; their widths are derived
     intern_unshuffle: float = 0.5  # InternVL pixel shuffle ("v2") scale on the InternViT token grid
     sam_unshuffle: int = 4  # torch pixel_unshuffle factor on SAM's neck map
     image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
 
-    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
+    export_family: ClassVar[str] = "leo"  # the conversion family that writes the whole model (leo_jax.convert)
 
     def __post_init__(self):
-        intern, sam = self.intern_vit_config, self.sam_config
-        n1 = (intern.grid * self.intern_unshuffle) ** 2
-        n2 = (sam.grid // self.sam_unshuffle) ** 2
+        n1 = (self.intern_vit.grid * self.intern_unshuffle) ** 2
+        n2 = (self.sam.grid // self.sam_unshuffle) ** 2
         require(n1 == n2, f"config.model: InternViT gives {n1:g} tokens per tile after pixel shuffle but SAM gives "
                           f"{n2}; the interleaving needs equal counts (check image sizes, patch sizes, unshuffle)")
-        self.llm_config
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoConfig":
         return dataclass_from_config(cls, config, where)
 
-    @property
-    def intern_vit_config(self) -> InternViTConfig:
-        return InternViTConfig.from_config(self.intern_vit, "config.model.intern_vit")
-
-    @property
-    def sam_config(self) -> SamVisionConfig:
-        return SamVisionConfig.from_config(self.sam, "config.model.sam")
-
-    @property
-    def llm_config(self) -> LLMConfig:
-        return LLMConfig.from_config(self.llm, "config.model.llm")
-
     def projector_config(self, in_features: int) -> ProjectorConfig:
-        fields = {"layer_norm": True, **self.projector, "in_features": in_features,
-                  "out_features": self.llm_config.hidden_size}
-        return ProjectorConfig.from_config(fields, "config.model.projector")
+        return ProjectorConfig.from_options(self.projector, in_features, self.llm.hidden_size)
 
     @property
     def intern_features(self) -> int:
-        return int(self.intern_vit_config.hidden_size / self.intern_unshuffle ** 2)
+        return int(self.intern_vit.hidden_size / self.intern_unshuffle ** 2)
 
     @property
     def sam_features(self) -> int:
-        return self.sam_config.output_channels * self.sam_unshuffle ** 2
+        return self.sam.output_channels * self.sam_unshuffle ** 2
 
     def tokens_per_tile(self) -> int:
-        return 2 * (self.sam_config.grid // self.sam_unshuffle) ** 2
+        return 2 * (self.sam.grid // self.sam_unshuffle) ** 2
 
     def visual_tokens_per_image(self) -> str:
         return f"{self.tokens_per_tile()} per tile, 1-7 tiles: {self.tokens_per_tile()}..{7 * self.tokens_per_tile()}"
@@ -87,24 +72,24 @@ class LeoConfig:
     def tile_forward_flops(self) -> float:
         """Forward FLOPs of one tile: both encoders and both projectors."""
         per_encoder = self.tokens_per_tile() // 2
-        return (self.intern_vit_config.forward_flops() + self.sam_config.forward_flops()
+        return (self.intern_vit.forward_flops() + self.sam.forward_flops()
                 + self.projector_config(self.intern_features).forward_flops(per_encoder)
                 + self.projector_config(self.sam_features).forward_flops(per_encoder))
 
     def forward_flops(self, seq_len: int, tiles: float = 7) -> float:
         """Forward FLOPs per sample: the LLM at `seq_len` tokens (visual tokens included) plus `tiles` tiles (real
         tiles only; the default is a full 6 + thumbnail image)."""
-        return self.llm_config.forward_flops(seq_len) + tiles * self.tile_forward_flops()
+        return self.llm.forward_flops(seq_len) + tiles * self.tile_forward_flops()
 
 
 class Leo(nnx.Module):
     def __init__(self, cfg: LeoConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.intern_vit = InternViT(cfg.intern_vit_config, rngs=rngs)
-        self.sam = SamVisionEncoder(cfg.sam_config, rngs=rngs)
+        self.intern_vit = InternViT(cfg.intern_vit, rngs=rngs)
+        self.sam = SamVisionEncoder(cfg.sam, rngs=rngs)
         self.projector_intern = MLPProjector(cfg.projector_config(cfg.intern_features), rngs=rngs)
         self.projector_sam = MLPProjector(cfg.projector_config(cfg.sam_features), rngs=rngs)
-        self.llm = CausalLM(cfg.llm_config, rngs=rngs)
+        self.llm = CausalLM(cfg.llm, rngs=rngs)
 
     @property
     def language_model(self) -> CausalLM:
@@ -116,7 +101,7 @@ class Leo(nnx.Module):
         SAM inputs smaller than SAM's image size (e.g. the 448 px tiles themselves) are enlarged on device exactly
         like the host path (PIL bilinear), which moves ~5x fewer bytes than shipping 1024 px tiles."""
         cfg = self.cfg
-        intern, sam = cfg.intern_vit_config, cfg.sam_config
+        intern, sam = cfg.intern_vit, cfg.sam
         x = self.intern_vit(normalize(tiles, intern.pixel_mean, intern.pixel_std), rng=rng)[:, 1:]  # drop CLS
         g = int(round(x.shape[1] ** 0.5))
         x = pixel_unshuffle_internvl(x.reshape(x.shape[0], g, g, -1), cfg.intern_unshuffle)

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.config import config_hash, dataclass_from_config, require
+from leo_jax.config import FrozenDict, dataclass_from_config, freeze, require
 from leo_jax.layers.pixels import normalize
-from leo_jax.models.cotr import CoTR, CoTRConfig
+from leo_jax.models.cotr import CoTR, CoTRConfig, CoTROptions
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
 from leo_jax.models.mmoe import RoutingContext
-from leo_jax.models.projector import MLPProjector, ProjectorConfig
+from leo_jax.models.projector import MLPProjector, ProjectorConfig, ProjectorOptions
 from leo_jax.models.registry import model_classes
 from leo_jax.models.visual_tokens import check_context_tokens, per_token_context, scatter_visual_tokens
 
@@ -53,20 +53,19 @@ CONDITIONING = ("turns_so_far", "first_turn", "all_turns")
 
 @dataclasses.dataclass(frozen=True)
 class VisionExpertConfig:
-    """One vision expert: `kind` (encoder, see ENCODER_OUTPUTS), its `encoder` config fields, its host image
-    `processor` ({'kind': ..., geometry options of the data pipeline's preprocessor}, whose output is the encoder's
-    image_size); feature maps are resized to `grid` x `grid` tokens (bilinear), e.g. ConvNeXt's late stage to
-    24 x 24 = 576 tokens."""
+    """One vision expert: `kind` (encoder, see ENCODER_OUTPUTS), its `encoder` config (the config dataclass of that
+    kind, built from the section by `from_config`), its host image `processor` ({'kind': ..., geometry options of the
+    data pipeline's preprocessor}, whose output is the encoder's image_size); feature maps are resized to `grid` x
+    `grid` tokens (bilinear), e.g. ConvNeXt's late stage to 24 x 24 = 576 tokens."""
 
     name: str
     kind: str
-    encoder: dict
-    processor: dict
+    encoder: Any
+    processor: FrozenDict
     grid: int | None = None
 
-    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
-
     def __post_init__(self):
+        object.__setattr__(self, "processor", freeze(self.processor))
         w = f"config.model.experts.{self.name}"
         require(self.kind in ENCODER_OUTPUTS, f"{w}.kind={self.kind!r}: use one of {sorted(ENCODER_OUTPUTS)}")
         require("kind" in self.processor, f"{w}.processor needs a 'kind' (an image_processing preprocessor)")
@@ -75,15 +74,25 @@ class VisionExpertConfig:
                            f"pixel_mean / pixel_std; set {w}.encoder.pixel_mean / pixel_std instead")
         if ENCODER_OUTPUTS[self.kind]["feature_map"]:
             require(self.grid is None or self.grid > 0, f"{w}.grid must be positive")
-        self.encoder_config()  # validate
+        config_cls, _ = model_classes(self.kind)
+        require(isinstance(self.encoder, config_cls), f"{w}.encoder must be a {config_cls.__name__} (the config of "
+                                                      f"kind {self.kind!r}), got {type(self.encoder).__name__}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str) -> "VisionExpertConfig":
+        """The `encoder` section becomes the config dataclass of the expert's `kind`."""
+        require(isinstance(config, Mapping), f"{where} must be a mapping, got {config!r}")
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        kind = config.get("kind")
+        require(kind in ENCODER_OUTPUTS, f"{where}.kind={kind!r}: use one of {sorted(ENCODER_OUTPUTS)}")
+        if isinstance(config.get("encoder"), Mapping):
+            config["encoder"] = model_classes(kind)[0].from_config(config["encoder"], f"{where}.encoder")
+        return dataclass_from_config(cls, config, where)
 
     @property
     def batch_key(self) -> str:
         return f"patches_{self.name}" if self.kind in PATCH_INPUT_KINDS else f"pixels_{self.name}"
 
-    def encoder_config(self):
-        config_cls, _ = model_classes(self.kind)
-        return config_cls.from_config(self.encoder, f"config.model.experts.{self.name}.encoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,78 +101,70 @@ class LeoMiniConfig:
     `--config.model.experts.clip.encoder.num_layers=4` works) and give the order in `expert_order`."""
 
     visual_count = "images"  # the batch count (metrics.batch_counts) that forward_flops takes
-    experts: tuple[dict, ...]
-    llm: dict
-    cotr: dict  # CoTRConfig fields except expert_widths / expert_tokens / text_width (derived)
-    projector: dict  # ProjectorConfig fields except in_features / out_features (derived)
+    experts: tuple[VisionExpertConfig, ...]
+    llm: LLMConfig
+    cotr: CoTROptions  # CoTR's options; the expert widths / token counts and the text width are derived
+    projector: ProjectorOptions  # the projector's options; its widths are derived
     image_context_id: int = -1  # the tokenizer's <IMG_CONTEXT> id (the trainer sets it from the tokenizer)
     # Expert names in model order (the order of CoTR's experts and of the projector's input channels); with
     # experts keyed by name it lists every key once.
     expert_order: tuple[str, ...] = ()
     conditioning: str = "turns_so_far"  # which user turns condition CoTR and the routers (module docstring)
 
-    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
+    export_family: ClassVar[str] = "leo_mini"  # the conversion family that writes the whole model (leo_jax.convert)
 
     def __post_init__(self):
         require(self.conditioning in CONDITIONING,
                 f"config.model.conditioning={self.conditioning!r}: use one of {CONDITIONING}")
         require(len(self.experts) > 0, "config.model.experts is empty: LEO-MINI needs at least one vision expert")
-        names = [e["name"] for e in self.experts]
+        names = [e.name for e in self.experts]
         require(len(set(names)) == len(names), f"config.model.experts: duplicate expert names {names}")
         require(not self.expert_order or list(self.expert_order) == names,
                 f"config.model.expert_order={self.expert_order} differs from the experts' order {names}")
-        self.expert_configs  # validate
-        self.llm_config
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoMiniConfig":
         """Experts either keyed by name (config files: order from `expert_order`) or a sequence in model order
-        whose entries carry their `name`."""
+        whose entries carry their `name`; a projector section without `layer_norm` gets LEO-MINI's (none)."""
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        if isinstance(config.get("experts"), Mapping):
-            config["experts"] = keyed_experts(config["experts"], tuple(config.get("expert_order") or ()), where)
+        experts = config.get("experts")
+        if isinstance(experts, Mapping):
+            experts = keyed_experts(experts, tuple(config.get("expert_order") or ()), where)
+        if isinstance(experts, (list, tuple)):
+            config["experts"] = tuple(
+                e if isinstance(e, VisionExpertConfig) else VisionExpertConfig.from_config(
+                    e, f"{where}.experts.{e.get('name', i) if isinstance(e, Mapping) else i}")
+                for i, e in enumerate(experts))
+        if isinstance(config.get("projector"), Mapping):
+            config["projector"] = {"layer_norm": False, **config["projector"]}
         return dataclass_from_config(cls, config, where)
-
-    @property
-    def expert_configs(self) -> tuple[VisionExpertConfig, ...]:
-        return tuple(dataclass_from_config(VisionExpertConfig, e, f"config.model.experts.{e.get('name', i)}")
-                     for i, e in enumerate(self.experts))
-
-    @property
-    def llm_config(self) -> LLMConfig:
-        return LLMConfig.from_config(self.llm, "config.model.llm")
 
     @functools.cached_property
     def expert_shapes(self) -> tuple[tuple[int, int], ...]:
         """(tokens N_i, width d_i) of every expert, by abstract evaluation of its encoder on its input size."""
         shapes = []
-        for spec in self.expert_configs:
+        for spec in self.experts:
             graphdef, state = nnx.split(nnx.eval_shape(
-                lambda s=spec: model_classes(s.kind)[1](s.encoder_config(), rngs=nnx.Rngs(0))))
+                lambda s=spec: model_classes(s.kind)[1](s.encoder, rngs=nnx.Rngs(0))))
             run = lambda state, *inputs, s=spec: expert_tokens(s, nnx.merge(graphdef, state), *inputs)[0]  # noqa
             out = jax.eval_shape(run, state, *expert_dummy_inputs(spec))
             shapes.append((out.shape[1], out.shape[2]))
         return tuple(shapes)
 
-    @property
+    @functools.cached_property
     def cotr_config(self) -> CoTRConfig:
         shapes = self.expert_shapes
-        fields = {**self.cotr, "expert_tokens": tuple(n for n, _ in shapes),
-                  "expert_widths": tuple(d for _, d in shapes), "text_width": self.llm_config.hidden_size}
-        return CoTRConfig.from_config(fields, "config.model.cotr")
+        return CoTRConfig.from_options(self.cotr, expert_widths=tuple(d for _, d in shapes),
+                                       expert_tokens=tuple(n for n, _ in shapes), text_width=self.llm.hidden_size)
 
-    @property
+    @functools.cached_property
     def projector_config(self) -> ProjectorConfig:
-        fields = {"layer_norm": False, **self.projector, "in_features": sum(d for _, d in self.expert_shapes),
-                  "out_features": self.llm_config.hidden_size}
-        return ProjectorConfig.from_config(fields, "config.model.projector")
+        return ProjectorConfig.from_options(self.projector, sum(d for _, d in self.expert_shapes), self.llm.hidden_size)
 
     def visual_tokens_per_image(self) -> int:
         """CoTR's output tokens per image: num_queries, or every expert token when config.model.cotr.mode is
         'keep_all' (then from the experts' shapes)."""
-        if self.cotr.get("mode", "cotr") == "keep_all":
-            return self.cotr_config.output_tokens
-        return int(self.cotr.get("num_queries", CoTRConfig.__dataclass_fields__["num_queries"].default))
+        return self.cotr_config.output_tokens if self.cotr.mode == "keep_all" else self.cotr.num_queries
 
     def visual_tokens(self, images: float) -> float:
         """Visual tokens the LLM reads for `images` images."""
@@ -174,7 +175,7 @@ class LeoMiniConfig:
         `text_len` tokens, and the projector."""
         flops = self.cotr_config.forward_flops(text_len) + self.projector_config.forward_flops(
             self.visual_tokens_per_image())
-        return flops + sum(spec.encoder_config().forward_flops() for spec in self.expert_configs)
+        return flops + sum(spec.encoder.forward_flops() for spec in self.experts)
 
     def forward_flops(self, seq_len: int, images: float = 1) -> float:
         """Forward FLOPs per sample with `seq_len` tokens (visual tokens included) and `images` real images: the LLM
@@ -201,7 +202,7 @@ def keyed_experts(experts: Mapping[str, Any], order: tuple[str, ...], where: str
 def expert_dummy_inputs(spec: VisionExpertConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shapes of one image's encoder inputs (batch 1) from its encoder config: `image_size` pixels, or Pix2Struct's
     `max_patches` flattened patches (row and column ids + the patch's pixels)."""
-    encoder = spec.encoder_config()
+    encoder = spec.encoder
     if spec.kind in PATCH_INPUT_KINDS:
         width = 2 + encoder.patch_embed_hidden_size
         return (jax.ShapeDtypeStruct((1, encoder.max_patches, width), jnp.float32),
@@ -216,7 +217,7 @@ def expert_pixels(spec: VisionExpertConfig, x: jax.Array) -> jax.Array:
     (float32), Pix2Struct's already standardised patches as float32."""
     if spec.kind in PATCH_INPUT_KINDS:
         return jnp.asarray(x).astype(jnp.float32)
-    encoder = spec.encoder_config()
+    encoder = spec.encoder
     return normalize(x, encoder.pixel_mean, encoder.pixel_std)
 
 
@@ -256,11 +257,11 @@ def exchange_index(batch: Mapping[str, jax.Array]) -> jax.Array:
 class LeoMini(nnx.Module):
     def __init__(self, cfg: LeoMiniConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.specs = cfg.expert_configs
-        self.experts = nnx.Dict({s.name: model_classes(s.kind)[1](s.encoder_config(), rngs=rngs) for s in self.specs})
+        self.specs = cfg.experts
+        self.experts = nnx.Dict({s.name: model_classes(s.kind)[1](s.encoder, rngs=rngs) for s in self.specs})
         self.cotr = CoTR(cfg.cotr_config, rngs=rngs)
         self.projector = MLPProjector(cfg.projector_config, rngs=rngs)
-        self.llm = CausalLM(cfg.llm_config, rngs=rngs)
+        self.llm = CausalLM(cfg.llm, rngs=rngs)
 
     @property
     def language_model(self) -> CausalLM:

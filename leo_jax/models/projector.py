@@ -53,15 +53,13 @@ def pixel_unshuffle_torch(x: jax.Array, factor: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
-    """MLP projector from visual features (width `in_features`) to the LLM width (`out_features`).
+class ProjectorOptions:
+    """The configurable part of an MLP projector (a model's `projector` section); the model derives the widths.
 
     layer_norm=True is LEO's projector (LayerNorm(in) -> Linear(in, out) -> GELU -> Linear(out, out), InternVL's
     `mlp1`); layer_norm=False is LEO-MINI's (Linear -> GELU -> Linear, LLaVA's `mlp2x_gelu`).
     """
 
-    in_features: int
-    out_features: int
     layer_norm: bool = True
     norm_eps: float = 1e-5
     act: str = "gelu"
@@ -70,14 +68,31 @@ class ProjectorConfig:
 
     def __post_init__(self):
         w = "config.projector"
-        require(self.in_features > 0 and self.out_features > 0,
-                f"{w}: in_features and out_features must be positive, got {self.in_features}, {self.out_features}")
         require(self.act in ACTIVATIONS, f"{w}.act={self.act!r}: use one of {sorted(ACTIVATIONS)}")
         check_numerics(self, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.projector") -> "ProjectorConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.projector") -> "ProjectorOptions":
+        """Also builds the subclass (derived widths given)."""
         return dataclass_from_config(cls, config, where)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProjectorConfig(ProjectorOptions):
+    """MLP projector from visual features (width `in_features`) to the LLM width (`out_features`)."""
+
+    in_features: int
+    out_features: int
+
+    def __post_init__(self):
+        require(self.in_features > 0 and self.out_features > 0, f"config.projector: in_features and out_features "
+                f"must be positive, got {self.in_features}, {self.out_features}")
+        super().__post_init__()
+
+    @classmethod
+    def from_options(cls, options: ProjectorOptions, in_features: int, out_features: int) -> "ProjectorConfig":
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(ProjectorOptions)}
+        return cls(**fields, in_features=in_features, out_features=out_features)
 
     def forward_flops(self, num_tokens: int) -> float:
         """Matmul FLOPs for `num_tokens` tokens."""

@@ -254,7 +254,7 @@ class Trainer:
 
     def _preflight(self, batch: dict) -> None:
         data = self.config.data
-        vocab = getattr(self.model_cfg, "vocab_size", None) or getattr(self.model_cfg.llm_config, "vocab_size")
+        vocab = getattr(self.model_cfg, "vocab_size", None) or getattr(self.model_cfg.llm, "vocab_size")
         tokenizer = pipeline.prepare_tokenizer(data)
         preflight.check_batches([batch], tokenizer, data.template, vocab_size=vocab, **self.kind.preflight_counts())
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from leo_jax.config import config_hash, dataclass_from_config, require
+from leo_jax.config import FrozenDict, dataclass_from_config, freeze, require
 from leo_jax.layers.attention import Attention, KVCache, Segments, check_attention_impl
 from leo_jax.layers.common import Embed, Linear, RMSNorm, check_numerics, scan_layers, stack_layers, to_dtype
 from leo_jax.layers.mlp import SwiGLU
@@ -39,7 +39,7 @@ class LLMConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: FrozenDict | None = None  # Hugging Face's rope_scaling fields (a dict given is frozen)
     max_position_embeddings: int = 4096
     qkv_bias: bool = False
     out_bias: bool = False
@@ -55,11 +55,10 @@ class LLMConfig:
     # decoding with a KV cache always runs xla). splash_block: splash's q/kv block size (a multiple of 128).
     attention_impl: str = "xla"
     splash_block: int = 512
-    mmoe: dict | None = None  # LEO-MINI's LoRA experts + routers (leo_jax.models.mmoe.MMoEConfig fields)
-
-    __hash__ = config_hash  # dict fields: see leo_jax.config.config_hash
+    mmoe: MMoEConfig | None = None  # LEO-MINI's LoRA experts + routers
 
     def __post_init__(self):
+        object.__setattr__(self, "rope_scaling", freeze(self.rope_scaling))
         w = "config.model"
         require(self.family in FAMILIES, f"{w}.family={self.family!r}: use one of {FAMILIES}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -72,11 +71,11 @@ class LLMConfig:
         check_numerics(self, w)
         check_attention_impl(self.attention_impl, self.splash_block, w)
         check_rope_scaling(self.rope_scaling, f"{w}.rope_scaling")
-        self.mmoe_config  # validates the MMoE section
 
     @property
-    def mmoe_config(self) -> MMoEConfig | None:
-        return None if self.mmoe is None else MMoEConfig.from_config(self.mmoe)
+    def export_family(self) -> str:
+        """The conversion family that writes this LLM (leo_jax.convert): its checkpoint layout."""
+        return self.family
 
     @property
     def resolved_head_dim(self) -> int:
@@ -126,7 +125,7 @@ class DecoderLayer(nnx.Module):
                               attention_impl=cfg.attention_impl, splash_block=cfg.splash_block, rngs=rngs, **kw)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, init_std=cfg.initializer_range, rngs=rngs, **kw)
-        mmoe = cfg.mmoe_config
+        mmoe = cfg.mmoe
         self.mmoe = None if mmoe is None else MMoE(
             cfg.hidden_size, mmoe, {**{n: getattr(self.attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
                                     **{n: getattr(self.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}},
