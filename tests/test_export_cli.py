@@ -3,6 +3,8 @@ bit-identical by `load_hf` and loadable (strictly) by the package's PyTorch mode
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import optax
@@ -17,6 +19,7 @@ from leo_jax.sharding import build_mesh
 from leo_jax.checkpoints import load_trained
 from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.state import create_train_state
+from train_helpers import llm_train_config
 
 
 def write_checkpoint(workdir, preset: str, config=None) -> None:
@@ -122,3 +125,19 @@ def test_export_refuses_a_leo_the_official_code_cannot_build(tmp_path, capsys):
     assert convert_main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
                          "--allow-nonofficial"]) == 0
     leo_torch.LeoModel.from_pretrained(tmp_path / "out")
+
+
+def test_export_of_an_llm_checkpoint_uses_its_own_family(tmp_path, capsys):
+    """An LLM run exports in its LLM family's layout (no tokenizer / preprocessing files: no image inputs) and reads
+    back bit-identical; --components names why it does not apply."""
+    config = llm_train_config(str(tmp_path / "run"))
+    write_checkpoint(tmp_path / "run", "tiny_llm", config)
+    out = tmp_path / "export"
+    assert convert_main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == config.model.family
+    assert not (out / "preprocessor_config.json").exists() and not (out / "tokenizer_config.json").exists()
+    trained, _ = load_trained(str(tmp_path / "run"))
+    expected, got = flat_params(trained), flat_params(load_hf(out))
+    assert expected.keys() == got.keys() and all(np.array_equal(got[k], v) for k, v in expected.items())
+    assert convert_main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "c"), "--components"]) == 2
+    assert f"a {config.model.family} model is one component" in capsys.readouterr().err
