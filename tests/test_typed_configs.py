@@ -57,7 +57,8 @@ def test_command_line_overrides_reach_nested_fields():
     ("tiny_leo_mini", ("experts", "convnext", "encoder", "depth"), 1,
      r"config.model.experts.convnext.encoder: unknown field\(s\) \['depth'\]"),
     ("tiny_leo_mini", ("cotr", "num_queries"), None, r"config.model.cotr.num_queries: expected an integer, got None"),
-    ("tiny_leo_mini", ("experts", "clip", "processor"), "clip", r"config.model.experts.clip.processor: expected a mapping"),
+    ("tiny_leo_mini", ("experts", "clip", "processor"), "clip",
+     r"config.model.experts.clip.processor: expected a mapping"),
 ])
 def test_a_bad_nested_field_names_its_full_path(preset, path, value, message):
     model = load_config(preset).model.to_dict()
