@@ -318,7 +318,8 @@ def test_main_command_cotr_options_survive_export(tiny, tmp_path):
     and the PyTorch model reproduces the logits; the options do change them, so the check is not vacuous."""
     base, batch, _, _ = tiny
     preset_cotr = load_config("tiny_leo_mini_train").model.cotr
-    cotr = dict(dataclasses.asdict(base.cfg.cotr), visual_bias=preset_cotr.visual_bias, spatial_prior=preset_cotr.spatial_prior)
+    cotr = dict(dataclasses.asdict(base.cfg.cotr), visual_bias=preset_cotr.visual_bias,
+                spatial_prior=preset_cotr.spatial_prior)
     assert cotr["spatial_prior"] > 0 and not cotr["visual_bias"]
     model = random_model(config_with(base.cfg, cotr=cotr))
     out = api.export_module(model, "leo_mini", tmp_path / "hf")

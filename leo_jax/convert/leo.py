@@ -54,7 +54,8 @@ def _check_official_projector(cfg: LeoConfig) -> None:
     projector = cfg.projector
     if not projector.layer_norm or projector.act != "gelu" or projector.norm_eps != 1e-5:
         raise ConversionError(f"config.model.projector={dataclasses.asdict(projector)}: the official LEO layout has "
-                              f"LayerNorm(eps 1e-5) -> Linear -> GELU -> Linear projectors (layer_norm=True, act='gelu')")
+                              f"LayerNorm(eps 1e-5) -> Linear -> GELU -> Linear projectors (layer_norm=True, "
+                              f"act='gelu')")
 
 
 # ---- config.json ---------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class CoTROptions:
         check_numerics(self, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.cotr") -> "CoTROptions":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.cotr") -> CoTROptions:
         """Also builds the subclass (derived widths given)."""
         return dataclass_from_config(cls, config, where)
 
@@ -132,7 +132,7 @@ class CoTRConfig(CoTROptions):
 
     @classmethod
     def from_options(cls, options: CoTROptions, expert_widths: tuple[int, ...], expert_tokens: tuple[int, ...],
-                     text_width: int) -> "CoTRConfig":
+                     text_width: int) -> CoTRConfig:
         fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(CoTROptions)}
         return cls(**fields, expert_widths=tuple(expert_widths), expert_tokens=tuple(expert_tokens),
                    text_width=text_width)

@@ -18,8 +18,13 @@ from flax import nnx
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.pixels import longest_edge_padded, normalize
 from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
-from leo_jax.models.projector import (MLPProjector, ProjectorConfig, ProjectorOptions, pixel_unshuffle_internvl,
-                                      pixel_unshuffle_torch)
+from leo_jax.models.projector import (
+    MLPProjector,
+    ProjectorConfig,
+    ProjectorOptions,
+    pixel_unshuffle_internvl,
+    pixel_unshuffle_torch,
+)
 from leo_jax.models.vision.intern_vit import InternViT, InternViTConfig
 from leo_jax.models.vision.sam import SamVisionConfig, SamVisionEncoder
 from leo_jax.models.visual_tokens import check_context_tokens, scatter_visual_tokens
@@ -45,7 +50,7 @@ class LeoConfig:
                           f"{n2}; the interleaving needs equal counts (check image sizes, patch sizes, unshuffle)")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> LeoConfig:
         return dataclass_from_config(cls, config, where)
 
     def projector_config(self, in_features: int) -> ProjectorConfig:

@@ -79,7 +79,7 @@ class VisionExpertConfig:
                                                       f"kind {self.kind!r}), got {type(self.encoder).__name__}")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str) -> "VisionExpertConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str) -> VisionExpertConfig:
         """The `encoder` section becomes the config dataclass of the expert's `kind`."""
         require(isinstance(config, Mapping), f"{where} must be a mapping, got {config!r}")
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -123,7 +123,7 @@ class LeoMiniConfig:
                 f"config.model.expert_order={self.expert_order} differs from the experts' order {names}")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LeoMiniConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> LeoMiniConfig:
         """Experts either keyed by name (config files: order from `expert_order`) or a sequence in model order
         whose entries carry their `name`; a projector section without `layer_norm` gets LEO-MINI's (none)."""
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)

@@ -72,7 +72,7 @@ class ProjectorOptions:
         check_numerics(self, w)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.projector") -> "ProjectorOptions":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.projector") -> ProjectorOptions:
         """Also builds the subclass (derived widths given)."""
         return dataclass_from_config(cls, config, where)
 
@@ -90,7 +90,7 @@ class ProjectorConfig(ProjectorOptions):
         super().__post_init__()
 
     @classmethod
-    def from_options(cls, options: ProjectorOptions, in_features: int, out_features: int) -> "ProjectorConfig":
+    def from_options(cls, options: ProjectorOptions, in_features: int, out_features: int) -> ProjectorConfig:
         fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(ProjectorOptions)}
         return cls(**fields, in_features=in_features, out_features=out_features)
 
