@@ -9,8 +9,9 @@ import importlib.resources
 import importlib.util
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 

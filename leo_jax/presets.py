@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from flax import nnx
+
 from leo_jax.config import load_config, preset_names
 from leo_jax.models.registry import abstract_model
 from leo_jax.sharding import logical_specs
-from flax import nnx
 
 
 def model_presets() -> list[str]:

@@ -7,13 +7,15 @@ Model code only ever names *logical* axes ('embed', 'mlp', 'batch', ...). This m
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -141,7 +143,8 @@ def _resolve_rest(sizes: dict[str, int], total: int, where: str) -> dict[str, in
             raise ValueError(f"{where}: sizes {sizes} do not divide {total} devices")
         sizes[rest[0]] = total // known
     if math.prod(sizes.values()) != total:
-        raise ValueError(f"{where}: sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {total} devices")
+        raise ValueError(f"{where}: sizes {sizes} multiply to {math.prod(sizes.values())}, "
+                         f"but there are {total} devices")
     return sizes
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from leo_jax.checkpoints import find_checkpoint, load_trained
 from leo_jax.config import load_config
 from leo_jax.data import synthetic
 from leo_jax.eval import benchmark, metrics
 from leo_jax.eval.__main__ import main as eval_main
-from leo_jax.checkpoints import find_checkpoint, load_trained
 from leo_jax.train.loop import Trainer
 from train_helpers import llm_train_config
 

@@ -2,9 +2,20 @@
 
 import pytest
 
-from leo_jax.eval.metrics import (METRICS, anls, exact_match, extract_choice, levenshtein, multiple_choice_accuracy,
-                                  normalize_vqa_answer, relaxed_accuracy, score, score_record, vqa_soft_accuracy,
-                                  vqa_soft_accuracy_simple)
+from leo_jax.eval.metrics import (
+    METRICS,
+    anls,
+    exact_match,
+    extract_choice,
+    levenshtein,
+    multiple_choice_accuracy,
+    normalize_vqa_answer,
+    relaxed_accuracy,
+    score,
+    score_record,
+    vqa_soft_accuracy,
+    vqa_soft_accuracy_simple,
+)
 
 # ---- VQAv2 normalisation (cases follow the rules of the official vqaEval.py) ----
 

@@ -11,12 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
+from leo_jax.checkpoints import load_trained
 from leo_jax.config import load_config
 from leo_jax.convert import load_hf
 from leo_jax.convert.__main__ import main as convert_main
 from leo_jax.models.registry import build_model
 from leo_jax.sharding import build_mesh
-from leo_jax.checkpoints import load_trained
 from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.state import create_train_state
 from train_helpers import llm_train_config
@@ -35,7 +35,8 @@ def write_checkpoint(workdir, preset: str, config=None) -> None:
 
 
 def flat_params(module) -> dict[str, np.ndarray]:
-    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return {"/".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 @pytest.mark.parametrize("preset, torch_model, components", [

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from leo_jax import convert
 from leo_jax.config import load_config
-from leo_jax.convert.api import abstract_model, module_from_params
 from leo_jax.convert import leo as leo_convert
+from leo_jax.convert.api import abstract_model, module_from_params
 from leo_jax.convert.core import ConversionError, export_tensors, get_family
 from leo_jax.convert.leo import export_components
 from leo_jax.data.image_processing import get_preprocessor

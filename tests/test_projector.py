@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from leo_jax.models.projector import MLPProjector, ProjectorConfig, pixel_unshuffle_internvl, pixel_unshuffle_torch, \
-    torch_projector_names
+from leo_jax.models.projector import (
+    MLPProjector,
+    ProjectorConfig,
+    pixel_unshuffle_internvl,
+    pixel_unshuffle_torch,
+    torch_projector_names,
+)
 from leo_jax.pytorch import LeoProjector, MiniProjector, pixel_shuffle_internvl, pixel_unshuffle_tokens
 
 

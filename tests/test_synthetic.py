@@ -166,7 +166,8 @@ def test_cli_writes_expected_files(tmp_path):
     out = tmp_path / "synth"
     result = subprocess.run(
         [sys.executable, "-m", "leo_jax.data.synthetic", "--out", str(out), "--num", "30", "--seed", "1",
-         "--val-num", "12", "--image-size", "48", "--multi-image-fraction", "0.1"], capture_output=True, text=True, check=True)
+         "--val-num", "12", "--image-size", "48", "--multi-image-fraction", "0.1"],
+        capture_output=True, text=True, check=True)
     for question_type in synthetic.QUESTION_TYPES:
         assert re.search(rf"^{question_type}\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+$", result.stdout, re.M)
     train = json.loads((out / "data.json").read_text())

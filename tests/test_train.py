@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+from leo_jax.models.registry import build_model
 from leo_jax.sharding import build_mesh
 from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.config import TrainConfig
@@ -23,7 +24,6 @@ from leo_jax.train.loop import NonFiniteLossError, Trainer
 from leo_jax.train.optimizer import TrainableFilter, decays, learning_rate_schedule
 from leo_jax.train.state import abstract_train_state, create_train_state
 from leo_jax.train.step import jit_train_step, make_train_step
-from leo_jax.models.registry import build_model
 from train_helpers import config_file, llm_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

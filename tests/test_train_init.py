@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from leo_jax.configs import tiny_leo_mini
 from hf_fixtures import save_hf_model
+from leo_jax.configs import tiny_leo_mini
 from leo_jax.convert import load_hf
 from leo_jax.models.registry import build_model
 from leo_jax.sharding import build_mesh
+from leo_jax.train.config import TrainConfig
 from leo_jax.train.loop import Trainer
 from leo_jax.train.optimizer import TrainableFilter, make_optimizer
-from leo_jax.train.config import TrainConfig
 from leo_jax.train.pretrained import apply_init
 from leo_jax.train.state import create_train_state
 from train_helpers import llm_train_config

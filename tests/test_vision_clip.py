@@ -6,13 +6,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig as HFConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+from transformers import CLIPVisionConfig as HFConfig
 
 from leo_jax import convert
 from leo_jax.convert.core import ConversionError
 from tests.sharding_utils import assert_sharded_matches
-from tests.vision_utils import assert_bf16_close, assert_round_trip, assert_tower_round_trip, load_with, max_abs_diff, \
-    meta_param_count, perturb_and_save, preset_output, preset_param_count, random_pixels, to_torch
+from tests.vision_utils import (
+    assert_bf16_close,
+    assert_round_trip,
+    assert_tower_round_trip,
+    load_with,
+    max_abs_diff,
+    meta_param_count,
+    perturb_and_save,
+    preset_output,
+    preset_param_count,
+    random_pixels,
+    to_torch,
+)
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
             patch_size=7, layer_norm_eps=1e-5)
@@ -72,8 +84,9 @@ def test_wrong_image_size_is_a_clear_error(hf):
 
 
 def test_missing_tensor_is_named(hf, tmp_path):
-    from safetensors.numpy import load_file, save_file
     import shutil
+
+    from safetensors.numpy import load_file, save_file
 
     shutil.copy(hf[0] / "config.json", tmp_path / "config.json")
     tensors = load_file(hf[0] / "model.safetensors")

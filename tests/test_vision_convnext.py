@@ -17,8 +17,16 @@ from leo_jax.config import load_config
 from leo_jax.convert.core import ConversionError
 from leo_jax.models.vision.convnext import ConvNext, ConvNextBlock, ConvNextConfig
 from tests.sharding_utils import assert_sharded_matches
-from tests.vision_utils import assert_round_trip, max_abs_diff, meta_param_count, perturb_and_save, \
-    preset_param_count, random_pixels, read_tensors, to_torch
+from tests.vision_utils import (
+    assert_round_trip,
+    max_abs_diff,
+    meta_param_count,
+    perturb_and_save,
+    preset_param_count,
+    random_pixels,
+    read_tensors,
+    to_torch,
+)
 
 TINY = dict(hidden_sizes=[16, 32, 48, 64], depths=[2, 1, 2, 1], num_stages=4, layer_scale_init_value=0.5,
             drop_path_rate=0.2)
@@ -26,7 +34,8 @@ TINY = dict(hidden_sizes=[16, 32, 48, 64], depths=[2, 1, 2, 1], num_stages=4, la
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from transformers import ConvNextConfig as HFConfig, ConvNextModel
+    from transformers import ConvNextConfig as HFConfig
+    from transformers import ConvNextModel
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("convnext_hf")
@@ -69,7 +78,8 @@ def test_round_trip_is_bit_identical(hf_dir, tmp_path):
 def test_image_classification_checkpoint_gives_its_backbone(tmp_path):
     """facebook/convnext-* files are ConvNextForImageClassification: the backbone under 'convnext.' is read (the
     classifier skipped), matches torch, and its tensors export bit-identically under their names."""
-    from transformers import ConvNextConfig as HFConfig, ConvNextForImageClassification
+    from transformers import ConvNextConfig as HFConfig
+    from transformers import ConvNextForImageClassification
 
     torch.manual_seed(1)
     torch_model = perturb_and_save(ConvNextForImageClassification(HFConfig(**TINY, num_labels=5)), tmp_path / "cls")
@@ -136,7 +146,8 @@ def test_bad_inputs_give_clear_errors(hf_dir, tmp_path):
 
 
 def test_large_preset_matches_transformers_parameter_count():
-    from transformers import ConvNextConfig as HFConfig, ConvNextModel
+    from transformers import ConvNextConfig as HFConfig
+    from transformers import ConvNextModel
 
     arch = load_config("convnext_large").model
     ref = meta_param_count(ConvNextModel, HFConfig(hidden_sizes=list(arch.hidden_sizes), depths=list(arch.depths),

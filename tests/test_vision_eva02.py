@@ -16,8 +16,8 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from leo_jax.configs.eva02_large_336 import ARCH as LARGE_336
 from leo_jax import convert
+from leo_jax.configs.eva02_large_336 import ARCH as LARGE_336
 from leo_jax.convert.core import ConversionError
 from leo_jax.convert.eva02 import config_from_hf
 from leo_jax.models.vision.eva02 import EVA02Config, EVA02VisionEncoder

@@ -11,14 +11,25 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import InternVLVisionConfig as HFConfig, InternVLVisionModel
+from transformers import InternVLVisionConfig as HFConfig
+from transformers import InternVLVisionModel
 
 from leo_jax import convert
 from leo_jax.convert.core import ConversionError
 from leo_jax.models.vision.vit import drop_path
 from tests.sharding_utils import assert_sharded_matches
-from tests.vision_utils import assert_bf16_close, assert_round_trip, load_with, max_abs_diff, meta_param_count, \
-    perturb_and_save, preset_output, preset_param_count, random_pixels, to_torch
+from tests.vision_utils import (
+    assert_bf16_close,
+    assert_round_trip,
+    load_with,
+    max_abs_diff,
+    meta_param_count,
+    perturb_and_save,
+    preset_output,
+    preset_param_count,
+    random_pixels,
+    to_torch,
+)
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
             patch_size=7, attention_bias=True, layer_norm_eps=1e-6)
@@ -139,7 +150,8 @@ def test_unsupported_options_are_clear_errors(tmp_path):
 
 
 def test_missing_tensor_is_named(hf, tmp_path):
-    from safetensors.numpy import load_file, save_file as save_np
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_np
 
     (tmp_path / "config.json").write_text((hf[1] / "config.json").read_text())
     tensors = load_file(hf[1] / "model.safetensors")

@@ -16,8 +16,14 @@ from flax import nnx
 from leo_jax import convert
 from leo_jax.models.vision.pix2struct import Pix2StructVisionConfig, Pix2StructVisionEncoder
 from tests.sharding_utils import assert_sharded_matches
-from tests.vision_utils import assert_round_trip, max_abs_diff, meta_param_count, perturb_and_save, \
-    preset_param_count, read_tensors
+from tests.vision_utils import (
+    assert_round_trip,
+    max_abs_diff,
+    meta_param_count,
+    perturb_and_save,
+    preset_param_count,
+    read_tensors,
+)
 
 PATCH = 4 * 4 * 3
 TINY = dict(hidden_size=32, patch_embed_hidden_size=PATCH, d_ff=48, d_kv=8, num_hidden_layers=2,
@@ -41,7 +47,8 @@ def flattened_patches(grids: list[tuple[int, int]], max_patches: int, seed: int 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from transformers import Pix2StructVisionConfig as HFConfig, Pix2StructVisionModel
+    from transformers import Pix2StructVisionConfig as HFConfig
+    from transformers import Pix2StructVisionModel
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pix2struct_hf")
@@ -127,7 +134,8 @@ def test_bad_inputs_give_clear_errors(hf_dir):
 
 
 def test_large_preset_matches_transformers_parameter_count():
-    from transformers import Pix2StructVisionConfig as HFConfig, Pix2StructVisionModel
+    from transformers import Pix2StructVisionConfig as HFConfig
+    from transformers import Pix2StructVisionModel
 
     ref = meta_param_count(Pix2StructVisionModel, HFConfig(hidden_size=1536, patch_embed_hidden_size=768, d_ff=3968,
                                                            d_kv=64, num_hidden_layers=18, num_attention_heads=24))

@@ -8,17 +8,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import SamConfig, SamModel, SamVisionConfig as HFConfig, SamVisionModel
-
 from flax import nnx
+from transformers import SamConfig, SamModel, SamVisionModel
+from transformers import SamVisionConfig as HFConfig
 
 from leo_jax import convert
 from leo_jax.convert.api import module_from_params
 from leo_jax.convert.core import get_family
 from leo_jax.models.vision.sam import SamVisionConfig, window_partition, window_unpartition
 from tests.sharding_utils import assert_sharded_matches
-from tests.vision_utils import assert_bf16_close, assert_round_trip, assert_tower_round_trip, jit_call, max_abs_diff, \
-    meta_param_count, perturb_and_save, preset_output, preset_param_count, random_pixels, to_torch
+from tests.vision_utils import (
+    assert_bf16_close,
+    assert_round_trip,
+    assert_tower_round_trip,
+    jit_call,
+    max_abs_diff,
+    meta_param_count,
+    perturb_and_save,
+    preset_output,
+    preset_param_count,
+    random_pixels,
+    to_torch,
+)
 
 # 48 px / patch 8 = 6x6 grid; window 4 pads it to 8x8 (four windows); layers W W G W G.
 TINY = dict(hidden_size=32, num_hidden_layers=5, num_attention_heads=4, mlp_dim=64, image_size=48, patch_size=8,

@@ -5,12 +5,24 @@ a full SiglipModel checkpoint, sharded forward, bfloat16 compute, errors, preset
 import jax.numpy as jnp
 import pytest
 import torch
-from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig as HFConfig, SiglipVisionModel
+from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+from transformers import SiglipVisionConfig as HFConfig
 
 from leo_jax import convert
 from tests.sharding_utils import assert_sharded_matches
-from tests.vision_utils import assert_bf16_close, assert_round_trip, assert_tower_round_trip, load_with, max_abs_diff, \
-    meta_param_count, perturb_and_save, preset_output, preset_param_count, random_pixels, to_torch
+from tests.vision_utils import (
+    assert_bf16_close,
+    assert_round_trip,
+    assert_tower_round_trip,
+    load_with,
+    max_abs_diff,
+    meta_param_count,
+    perturb_and_save,
+    preset_output,
+    preset_param_count,
+    random_pixels,
+    to_torch,
+)
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
             patch_size=7)

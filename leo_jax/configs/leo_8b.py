@@ -6,9 +6,8 @@ Vocabulary: LEO's fine-tuning adds 9 special tokens to InternLM2-chat's 92,544 (
 </quad>, <ref>, </ref>, <box>, </box>, in that order) and resizes the embeddings, so the LLM has 92,553 rows and
 <IMG_CONTEXT> is id 92,546, the id the official code reads from its tokenizer."""
 
-from leo_jax.models.leo import LeoConfig
-
 from leo_jax.configs import common, common_data, intern_vit_300m, internlm2_7b, sam_vit_l
+from leo_jax.models.leo import LeoConfig
 
 INTERNLM2_VOCAB = 92544  # InternLM2-chat-7B's tokenizer; LEO appends its 9 tokens after it
 

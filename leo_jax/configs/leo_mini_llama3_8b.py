@@ -8,10 +8,16 @@ Switch balance loss (trainer weight 0.05). Multi-turn data: CoTR and the routers
 turns 1..k (config.model.conditioning = 'turns_so_far'; see leo_jax.models.leo_mini).
 """
 
+from leo_jax.configs import (
+    clip_vit_l14_336,
+    common,
+    common_data,
+    convnext_large,
+    eva02_large_336,
+    llama3_8b,
+    pix2struct_large,
+)
 from leo_jax.models.leo_mini import LeoMiniConfig
-
-from leo_jax.configs import clip_vit_l14_336, common, common_data, convnext_large, eva02_large_336, llama3_8b, \
-    pix2struct_large
 
 MMOE = dict(num_experts=3, rank=16, alpha=16.0, general_rank=16, general_alpha=16.0, top_k=1, targets=("down_proj",),
             router_hidden=256, router_cond_dim=256, gate_mode="prob")

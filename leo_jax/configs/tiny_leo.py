@@ -1,9 +1,9 @@
 """Tiny LEO for CPU: InternViT + SAM per tile, two LayerNorm-MLP projectors, interleaved tokens, InternLM2-layout
-LLM; 56 px tiles (SAM enlarges them to 64 px on device), the shipped synthetic tokenizer, LEO's conversation template."""
-
-from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
+LLM; 56 px tiles (SAM enlarges them to 64 px on device), the shipped synthetic tokenizer, LEO's conversation
+template."""
 
 from leo_jax.configs import common, leo_8b, tiny_llm
+from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
 
 TILE = 56
 

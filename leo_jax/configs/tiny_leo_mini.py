@@ -2,9 +2,8 @@
 size, on 64 px images and the shipped synthetic tokenizer. Two experts of different kinds (a CLIP ViT and a
 ConvNeXt whose feature map is resized to its token grid) so CoTR mixes experts of different widths."""
 
-from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
-
 from leo_jax.configs import clip_vit_l14_336, common, convnext_large, leo_mini_llama3_8b, tiny_llm
+from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
 
 IMAGE = 64
 

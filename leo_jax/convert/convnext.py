@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from leo_jax.convert.core import ConversionError, Family, Rule, conv, copy, linear, register, \
-    transformers_config_writer
+from leo_jax.convert.core import ConversionError, Family, Rule, conv, copy, linear, register, transformers_config_writer
 from leo_jax.convert.vit import single_int
 from leo_jax.models.vision.convnext import ConvNext, ConvNextConfig
 

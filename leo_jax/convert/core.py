@@ -11,8 +11,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_dtypes

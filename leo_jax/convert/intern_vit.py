@@ -10,10 +10,16 @@ LayerNorm when use_mean_pooling=False; the mask token; dropout) are clear errors
 
 from __future__ import annotations
 
-from leo_jax.convert.core import transformers_config_writer
-from leo_jax.convert.core import Family, Rule, conv, copy, register
-from leo_jax.convert.vit import activation_from_hf, activation_to_hf, fused_qkv, require_fields, require_values, \
-    single_int, vit_block_rules
+from leo_jax.convert.core import Family, Rule, conv, copy, register, transformers_config_writer
+from leo_jax.convert.vit import (
+    activation_from_hf,
+    activation_to_hf,
+    fused_qkv,
+    require_fields,
+    require_values,
+    single_int,
+    vit_block_rules,
+)
 from leo_jax.models.vision.intern_vit import InternViT, InternViTConfig
 
 _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size")

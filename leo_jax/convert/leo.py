@@ -14,9 +14,9 @@ downsample_ratio2, ps_version, select_layer, template, system_message, ...) with
 written out (`use_flash_attn` False: flash-attn asserts on fp32 inputs; InternLM2 `attn_implementation` 'eager';
 drop-path and dropout rates), plus `img_context_token_id` and the complete leo_jax model config under "leo_jax", so
 importing rebuilds the identical model. `upstream_problems` lists what keeps the official code from building an
-exported config (it sizes mlp2's input as mlp1's, takes only InternLM2 / Phi-3 LLMs, ...). A config.json without "leo_jax" (an
-official LEO checkpoint) is read from the official fields alone. `leo_jax.pytorch.leo.LeoModel` loads the exported
-directory with `load_state_dict(strict=True)`.
+exported config (it sizes mlp2's input as mlp1's, takes only InternLM2 / Phi-3 LLMs, ...). A config.json without
+"leo_jax" (an official LEO checkpoint) is read from the official fields alone. `leo_jax.pytorch.leo.LeoModel` loads
+the exported directory with `load_state_dict(strict=True)`.
 
 `export_components` writes each part as its own Hugging Face directory (LLM, InternViT as transformers
 InternVLVisionModel, SAM as transformers SamVisionModel).

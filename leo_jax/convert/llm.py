@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register, transformers_config_writer

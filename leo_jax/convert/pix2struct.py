@@ -5,10 +5,8 @@ decoder is not part of leo_jax and is skipped on import, and export writes the e
 
 from __future__ import annotations
 
-from leo_jax.convert.core import transformers_config_writer
-from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register
-from leo_jax.convert.vit import activation_from_hf, activation_to_hf, linear_with_bias, require_fields, \
-    require_values
+from leo_jax.convert.core import ConversionError, Family, Rule, copy, linear, register, transformers_config_writer
+from leo_jax.convert.vit import activation_from_hf, activation_to_hf, linear_with_bias, require_fields, require_values
 from leo_jax.models.vision.pix2struct import Pix2StructVisionConfig, Pix2StructVisionEncoder
 
 WHAT = "a Pix2Struct vision encoder"

@@ -4,10 +4,18 @@
 
 from __future__ import annotations
 
-from leo_jax.convert.core import transformers_config_writer
-from leo_jax.convert.core import Family, Rule, conv, copy, register
-from leo_jax.convert.vit import activation_from_hf, activation_to_hf, fused_qkv, norm, require_fields, \
-    require_values, single_int, tower_family, vit_block_rules
+from leo_jax.convert.core import Family, Rule, conv, copy, register, transformers_config_writer
+from leo_jax.convert.vit import (
+    activation_from_hf,
+    activation_to_hf,
+    fused_qkv,
+    norm,
+    require_fields,
+    require_values,
+    single_int,
+    tower_family,
+    vit_block_rules,
+)
 from leo_jax.models.vision.sam import SamVisionConfig, SamVisionEncoder
 
 PREFIX = "vision_encoder."

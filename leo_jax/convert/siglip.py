@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from leo_jax.convert.core import transformers_config_writer
-from leo_jax.convert.core import Family, Rule, conv, copy, register
-from leo_jax.convert.vit import CLIP_BLOCK_NAMES, activation_from_hf, activation_to_hf, fused_qkv, \
-    linear_with_bias, norm, require_fields, require_values, tower_family, vit_block_rules
+from leo_jax.convert.core import Family, Rule, conv, copy, register, transformers_config_writer
+from leo_jax.convert.vit import (
+    CLIP_BLOCK_NAMES,
+    activation_from_hf,
+    activation_to_hf,
+    fused_qkv,
+    linear_with_bias,
+    norm,
+    require_fields,
+    require_values,
+    tower_family,
+    vit_block_rules,
+)
 from leo_jax.models.vision.siglip import SiglipVisionConfig, SiglipVisionEncoder
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from leo_jax.data import pipeline, templates, visual
 from leo_jax.data.tokenizer import Tokenizer
 
+
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 

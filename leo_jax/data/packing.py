@@ -14,7 +14,8 @@ order their ``<IMG_CONTEXT>`` runs appear in the row. Text-only samples produce 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

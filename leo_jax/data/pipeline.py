@@ -32,7 +32,8 @@ import dataclasses
 import io
 import logging
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grain
 import jax
@@ -281,7 +282,7 @@ class PackedBatchDataset(grain.IterDataset):
         self.data_config = data_config
         self.min_batches = min_batches
 
-    def __iter__(self) -> "PackedBatchIterator":
+    def __iter__(self) -> PackedBatchIterator:
         return PackedBatchIterator(self._parent.__iter__(), self.layout, _skip_stats(self.data_config),
                                    self.min_batches)
 

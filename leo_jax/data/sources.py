@@ -24,7 +24,8 @@ import json
 import mmap
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath

@@ -25,7 +25,7 @@ from PIL import Image
 DEFAULT_JPEG_QUALITY_RANGE = (75, 100)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, sorted by tile count.
 

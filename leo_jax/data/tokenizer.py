@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 

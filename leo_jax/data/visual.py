@@ -9,7 +9,8 @@ chat all ask it instead of comparing kind names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,7 +41,7 @@ class TextOnly:
     max_images: int | None = 0  # images per sample; None = no limit
 
     @classmethod
-    def from_model(cls, cfg: LLMConfig, data_config) -> "TextOnly":
+    def from_model(cls, cfg: LLMConfig, data_config) -> TextOnly:
         del cfg, data_config
         return cls()
 
@@ -63,7 +64,7 @@ class TextOnly:
     def preflight_counts(self) -> dict[str, int]:
         return {}
 
-    def with_slots(self, slots: int) -> "TextOnly":
+    def with_slots(self, slots: int) -> TextOnly:
         return self
 
 
@@ -107,7 +108,7 @@ class LeoTiles:
                 raise ValueError(f"LEO tiles: {field} must be positive, got {getattr(self, field)}")
 
     @classmethod
-    def from_model(cls, cfg: LeoConfig, data_config) -> "LeoTiles":
+    def from_model(cls, cfg: LeoConfig, data_config) -> LeoTiles:
         """Tile size and tokens per tile from the model; `data.leo` gives the tiling budget, slots and augmentation
         (`sam_size` 0: SAM inputs ship at tile size, ~5x fewer host->device bytes than 1024 px)."""
         kind = cls.from_data(data_config, cfg.intern_vit.image_size, cfg.tokens_per_tile())
@@ -118,7 +119,7 @@ class LeoTiles:
         return kind
 
     @classmethod
-    def from_data(cls, data_config, tile_size: int, tokens_per_tile: int) -> "LeoTiles":
+    def from_data(cls, data_config, tile_size: int, tokens_per_tile: int) -> LeoTiles:
         """The model's tile size and tokens per tile with the options of `data.leo`."""
         leo = data_config.leo
         return cls(tile_size=tile_size, tokens_per_tile=tokens_per_tile, sam_size=int(leo.sam_size) or tile_size,
@@ -168,7 +169,7 @@ class LeoTiles:
     def preflight_counts(self) -> dict[str, int]:
         return {"tokens_per_tile": self.tokens_per_tile}
 
-    def with_slots(self, slots: int) -> "LeoTiles":
+    def with_slots(self, slots: int) -> LeoTiles:
         return dataclasses.replace(self, slots=slots)
 
 
@@ -192,7 +193,7 @@ class LeoMiniExperts:
             raise ValueError(f"LEO-MINI: tokens_per_image must be positive, got {self.tokens_per_image}")
 
     @classmethod
-    def from_model(cls, cfg: LeoMiniConfig, data_config) -> "LeoMiniExperts":
+    def from_model(cls, cfg: LeoMiniConfig, data_config) -> LeoMiniExperts:
         """Experts and their preprocessors and the tokens per image from the model; `data.leo_mini` gives the
         image slots per row."""
         return cls.from_data(data_config, {spec.name: spec.processor for spec in cfg.experts},
@@ -200,7 +201,7 @@ class LeoMiniExperts:
 
     @classmethod
     def from_data(cls, data_config, processors: Mapping[str, Mapping[str, Any]],
-                  tokens_per_image: int) -> "LeoMiniExperts":
+                  tokens_per_image: int) -> LeoMiniExperts:
         """Expert name -> preprocessor options (in model order) and the model's tokens per image, with the options
         of `data.leo_mini`."""
         experts = tuple((name, tuple(dict(options).items())) for name, options in processors.items())
@@ -255,7 +256,7 @@ class LeoMiniExperts:
     def preflight_counts(self) -> dict[str, int]:
         return {"tokens_per_image": self.tokens_per_image}
 
-    def with_slots(self, slots: int) -> "LeoMiniExperts":
+    def with_slots(self, slots: int) -> LeoMiniExperts:
         return dataclasses.replace(self, slots=slots)
 
 

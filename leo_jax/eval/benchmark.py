@@ -24,7 +24,8 @@ import os
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from leo_jax.data.sources import LlavaJsonSource
 from leo_jax.eval import metrics

@@ -14,7 +14,8 @@ temperature / top-p sampling, stopping at the template's answer terminator or EO
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -46,7 +47,7 @@ class Request:
 
     @classmethod
     def single(cls, prompt: str, images: Sequence[Any] = (), system_prompt: str | None = None,
-               origin: str = "") -> "Request":
+               origin: str = "") -> Request:
         """A one-turn request; without `<image>` in the prompt, one placeholder per image is put first."""
         turns = ({"from": "system", "value": system_prompt},) if system_prompt is not None else ()
         return cls(turns + ({"from": "human", "value": with_placeholders(prompt, len(images))},), tuple(images),

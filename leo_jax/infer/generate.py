@@ -11,8 +11,9 @@ log-likelihood of given answers, for multiple-choice scoring).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from functools import partial
-from typing import Iterator, Mapping, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

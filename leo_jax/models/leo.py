@@ -1,6 +1,6 @@
-"""LEO (arXiv 2501.06986, as in its official code): InternViT and SAM on every tile, each with its own projector, tokens interleaved per tile
-(InternViT at even positions), tiles in crop order with the thumbnail last, written into the LLM's embeddings at
-the <IMG_CONTEXT> positions.
+"""LEO (arXiv 2501.06986, as in its official code): InternViT and SAM on every tile, each with its own projector,
+tokens interleaved per tile (InternViT at even positions), tiles in crop order with the thumbnail last, written into
+the LLM's embeddings at the <IMG_CONTEXT> positions.
 
 Shapes are static: a fixed number K of tile slots per batch row with `tile_mask`, so one compiled step serves every
 batch, text-only ones included.
@@ -9,7 +9,8 @@ batch, text-only ones included.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -125,8 +126,8 @@ class Leo(nnx.Module):
         ids = batch["input_ids"]
         tiles, sam_tiles, tile_mask = batch["tiles"], batch["sam_tiles"], batch["tile_mask"]
         b, k = tile_mask.shape
-        tokens = self.tile_tokens(tiles.reshape(b * k, *tiles.shape[2:]), sam_tiles.reshape(b * k, *sam_tiles.shape[2:]),
-                                  None if deterministic else rng)
+        tokens = self.tile_tokens(tiles.reshape(b * k, *tiles.shape[2:]),
+                                  sam_tiles.reshape(b * k, *sam_tiles.shape[2:]), None if deterministic else rng)
         per_tile = tokens.shape[1]
         visual = tokens.reshape(b, k * per_tile, tokens.shape[-1])
         context = ids == self.cfg.image_context_id

@@ -6,16 +6,17 @@ with an always-on general LoRA (A_g, B_g) and E routed LoRAs. One router per lay
 [h ; Linear(mean of the visual tokens) ; Linear(mean of the prompt-token embeddings)] where h is the layer's
 normalised input hidden state (per token) -> softmax over E.
 
-Points the published equations leave open, all configurable: which projections carry experts (default the MLP down projection), the gate
-of a selected expert (its probability, or straight-through: forward 1, gradient of the probability), and the
-balance loss (Switch style: E * sum_e f_e P_e over non-padding tokens, f = top-1 assignment fraction, P = mean
-probability; the trainer weights it, default 0.05).
+Points the published equations leave open, all configurable: which projections carry experts (default the MLP down
+projection), the gate of a selected expert (its probability, or straight-through: forward 1, gradient of the
+probability), and the balance loss (Switch style: E * sum_e f_e P_e over non-padding tokens, f = top-1 assignment
+fraction, P = mean probability; the trainer weights it, default 0.05).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ class MMoEConfig:
         require(self.gate_mode in GATE_MODES, f"{w}.gate_mode={self.gate_mode!r}: use one of {GATE_MODES}")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model.llm.mmoe") -> "MMoEConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model.llm.mmoe") -> MMoEConfig:
         return dataclass_from_config(cls, config, where)
 
 

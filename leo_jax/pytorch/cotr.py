@@ -1,7 +1,8 @@
 """PyTorch reference of LEO / LEO-MINI's vision-to-LLM glue: pixel (un)shuffle, MLP projectors and CoTR.
 
 Written straight from the CoTR equations written out in leo_jax/models/cotr.py (loops over experts, each score term
-computed on its own, explicit masks), independently of leo_jax/models/cotr.py, so the two check each other. Depends on torch only.
+computed on its own, explicit masks), independently of leo_jax/models/cotr.py, so the two check each other. Depends
+on torch only.
 Parameter names match leo_jax: `experts.{i}.query`, `experts.{i}.query_proj.weight`, `experts.{i}.token_proj.weight`,
 `text_proj.weight` (Linear weights = leo_jax kernels transposed); projectors keep InternVL's / LLaVA's
 `nn.Sequential` indices (see leo_jax.models.projector.torch_projector_names).
@@ -10,7 +11,7 @@ Parameter names match leo_jax: `experts.{i}.query`, `experts.{i}.query_proj.weig
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -315,7 +315,7 @@ class LeoModel(nn.Module):
         self.mlp2 = LeoProjector(vision_2["output_channels"] * self.downsample_ratio2 ** 2, d_llm)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "LeoModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> LeoModel:
         """config.json + model.safetensors (or shards with an index) -> the model in `dtype`, eval mode, strictly
         loaded (a missing or unexpected tensor is an error naming it)."""
         from safetensors.torch import load_file

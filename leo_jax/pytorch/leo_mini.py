@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +196,7 @@ class LeoMiniForCausalLM(nn.Module):
         return wrapped
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "LeoMiniForCausalLM":
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> LeoMiniForCausalLM:
         """Builds the model from `path`/config.json and loads its safetensors strictly (every tensor, no extras);
         in eval mode, like transformers' from_pretrained. `dtype` defaults to the export's."""
         from safetensors.torch import load_file

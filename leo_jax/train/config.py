@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from leo_jax.config import dataclass_from_config, require
 from leo_jax.layers.common import BIAS, NORM, ROLES
@@ -70,5 +71,5 @@ class TrainConfig:
             require(isinstance(ckpt, str) and ckpt, f"{w}.init[{path!r}] must be a checkpoint directory path")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.train") -> "TrainConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.train") -> TrainConfig:
         return dataclass_from_config(cls, config, where)

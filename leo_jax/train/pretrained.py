@@ -11,8 +11,8 @@ have (MMoE routers and LoRA experts, under '.../mmoe/...'), which keep their fre
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -8,13 +8,15 @@ The balance loss (a per-batch statistic) is averaged over micro-batches.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from leo_jax.sharding import constrain, data_sharding
 from leo_jax.train.state import TrainState

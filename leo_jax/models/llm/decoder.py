@@ -8,7 +8,8 @@ packed rows and KV-cache decoding share one code path.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ class LLMConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> "LLMConfig":
+    def from_config(cls, config: Mapping[str, Any], where: str = "config.model") -> LLMConfig:
         return dataclass_from_config(cls, config, where)
 
     def forward_flops(self, seq_len: int) -> float:
@@ -94,7 +95,7 @@ class LLMConfig:
         matmul = self.num_layers * (attn + mlp) + h * self.vocab_size
         return 2.0 * seq_len * matmul + 2.0 * self.num_layers * self.num_heads * d * seq_len**2
 
-    def replace(self, **changes) -> "LLMConfig":
+    def replace(self, **changes) -> LLMConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -103,7 +104,7 @@ class DecoderOutput(NamedTuple):
     router statistics stacked over layers (balance_loss [L], expert_load [L, E], router_entropy [L]) or {}."""
 
     out: jax.Array
-    cache: "DecoderCache | None"
+    cache: DecoderCache | None
     aux: dict
 
 
@@ -176,7 +177,7 @@ class CausalLM(nnx.Module):
 
     # The interface every trainable top-level model shares (CausalLM, LEO, LEO-MINI): see leo_jax.train.
     @property
-    def language_model(self) -> "CausalLM":
+    def language_model(self) -> CausalLM:
         return self
 
     def embed_inputs(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
@@ -187,7 +188,7 @@ class CausalLM(nnx.Module):
         return self.embed(batch["input_ids"]), None
 
     def train_forward(self, batch: Mapping[str, jax.Array], *, rng: jax.Array | None = None,
-                      deterministic: bool = True) -> "DecoderOutput":
+                      deterministic: bool = True) -> DecoderOutput:
         """Logits and router statistics for a collated batch (input_ids, segment_ids, positions, ...)."""
         embeds, routing = self.embed_inputs(batch, rng=rng, deterministic=deterministic)
         return self.language_model.forward(embeds, segment_ids=batch.get("segment_ids"),

@@ -289,7 +289,8 @@ class SamVisionEncoder(nnx.Module):
         self.pos_embed = param(rngs, zeros_init, (1, cfg.grid, cfg.grid, d),
                                (None, "positions", "positions", "embed"), cfg.param_dtype,
                                role=POSITION) if cfg.use_abs_pos else None
-        make = lambda window, n: stack_layers(lambda r: SamBlock(cfg, window, rngs=r), n, rngs) if n else None
+        def make(window, n):
+            return stack_layers(lambda r: SamBlock(cfg, window, rngs=r), n, rngs) if n else None
         self.window_layers = make(cfg.window_size, len(cfg.window_layers))
         self.global_layers = make(0, len(cfg.global_layers))
         self.neck = SamNeck(cfg, rngs=rngs)

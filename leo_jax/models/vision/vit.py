@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -260,5 +260,6 @@ def run_blocks(stack: nnx.Module, x: jax.Array, num_run: int, *, remat_policy: s
         return scan_layers(stack, lambda layer, h, _: (layer(h), None), x, remat_policy=remat_policy)[0]
     rates = jnp.linspace(0.0, drop_path_rate, total, dtype=jnp.float32)[:num_run]
     keys = jax.random.split(rng, num_run)
-    body: Callable = lambda layer, h, xs: (layer(h, drop_rate=xs[0], rng=xs[1]), None)
+    def body(layer, h, xs):
+        return (layer(h, drop_rate=xs[0], rng=xs[1]), None)
     return scan_layers(stack, body, x, (rates, keys), remat_policy=remat_policy)[0]
