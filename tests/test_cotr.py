@@ -1,4 +1,4 @@
-"""CoTR against the PyTorch reference of the SPEC 2.2 equations; padding, prompt-only conditioning, gradients."""
+"""CoTR against the PyTorch reference of the CoTR equations; padding, prompt-only conditioning, gradients."""
 
 import dataclasses
 

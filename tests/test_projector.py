@@ -50,7 +50,7 @@ def test_the_two_orderings_differ():
 
 
 def test_leo_token_counts_at_full_size():
-    """SPEC 2.1: InternViT 32x32x1024 -> 256 tokens x 4096; SAM neck 64x64x256 -> pixel_unshuffle(4) -> 16x16x4096,
+    """LEO: InternViT 32x32x1024 -> 256 tokens x 4096; SAM neck 64x64x256 -> pixel_unshuffle(4) -> 16x16x4096,
     both equal to the torch code paths on the full-size maps (row-major tokens)."""
     vit = _random((1, 32, 32, 1024), seed=3)
     tokens = pixel_unshuffle_internvl(jnp.asarray(vit), 0.5).reshape(1, -1, 4096)

@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.skip_window = 1000
     c.max_window_skip_fraction = 0.1
 
-    # --- LEO: adaptive tiling, InternViT + SAM per tile (SPEC 2.1) -----------------------------------------------
+    # --- LEO: adaptive tiling, InternViT + SAM per tile (the official LEO code) -----------------------------------
     c.leo = ml_collections.ConfigDict()
     # SAM host input px: each tile resized to this (longest side) and padded square. 0 = the tile size, enlarged to
     # SAM's input on device (PIL-exact), ~5x fewer host->device bytes than 1024 px tiles.

@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.frozen = ()
 
     # --- loss ----------------------------------------------------------------------------------------------------
-    c.balance_loss_weight = 0.05  # x mean over layers of the MMoE balance loss (LEO-MINI; SPEC 2.2)
+    c.balance_loss_weight = 0.05  # x mean over layers of the MMoE balance loss (LEO-MINI; Switch-style, weight 0.05)
 
     # --- initialisation from converted checkpoints ---------------------------------------------------------------
     # Module path -> checkpoint directory: a leo_jax checkpoint (`python -m leo_jax.convert import-hf`) or a Hugging

@@ -1,4 +1,4 @@
-"""LEO-8B projector pre-training (SPEC 2.1): both projectors train on the LLaVA-1.5 pretrain set (image-caption
+"""LEO-8B projector pre-training: both projectors train on the LLaVA-1.5 pretrain set (image-caption
 pairs, template 'plain'); InternViT, SAM and InternLM2 are frozen. LEO does not state this stage's hyper-parameters;
 these are LLaVA-1.5's: lr 1e-3, cosine, 3% warm-up, weight decay 0, batch 256, 1 epoch.
 

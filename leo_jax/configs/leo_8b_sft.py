@@ -1,4 +1,4 @@
-"""LEO-8B supervised fine-tuning (SPEC 2.1 recipe): both encoders frozen; projectors and InternLM2 train on the ~1M
+"""LEO-8B supervised fine-tuning (the paper's recipe): both encoders frozen; projectors and InternLM2 train on the ~1M
 SFT mix, lr 4e-5, weight decay 0.01, cosine, 3% warm-up, global batch 128, 1 epoch, bf16 compute, max length 8192,
 template leo_internlm2_chat (InternViT drop-path and random JPEG quality on its tiles come from the model / data
 config).

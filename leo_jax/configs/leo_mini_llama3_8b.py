@@ -1,8 +1,8 @@
-"""LEO-MINI-Llama3-8B (SPEC 2.2): CLIP-L/14-336, EVA-02-L/14-336, ConvNeXt-L (1024 px, last stage resized to
+"""LEO-MINI-Llama3-8B: CLIP-L/14-336, EVA-02-L/14-336, ConvNeXt-L (1024 px, last stage resized to
 24x24) and Pix2Struct-L (576 patches) -> CoTR to 64 tokens per image -> MLP projector -> Llama-3-8B with MMoE
 (3 routed rank-16 LoRA experts + a general one on every MLP down projection). Template llama3, max length 2048.
 
-SPEC 2.4 open points and the defaults chosen here: CoTR pooling 'sum' (config.model.cotr.pooling), scores scaled
+Points the paper leaves open and the defaults chosen here: CoTR pooling 'sum' (config.model.cotr.pooling), scores scaled
 by 1/sqrt(d_i) (cotr.scale), MMoE on down_proj only (llm.mmoe.targets), gates = router probability (mmoe.gate_mode),
 Switch balance loss (trainer weight 0.05). Multi-turn data: CoTR and the routers see, for exchange k, the user
 turns 1..k (config.model.conditioning = 'turns_so_far'; see leo_jax.models.leo_mini).

@@ -1,6 +1,6 @@
-"""LEO-MINI-Llama3-8B stage 1 (SPEC 2.2 recipe): projector pre-training on the LLaVA pretrain set (image-caption
+"""LEO-MINI-Llama3-8B stage 1 (the paper's recipe): projector pre-training on the LLaVA pretrain set (image-caption
 pairs, template 'plain'); everything else frozen. lr 1e-3, cosine, 3% warm-up, weight decay 0, 1 epoch, bf16
-compute, max length 2048. The batch size is not in the SPEC: LLaVA-1.5's pre-training batch, 256.
+compute, max length 2048. The paper gives no batch size: LLaVA-1.5's pre-training batch, 256.
 
     python -m leo_jax.train --config leo_mini_llama3_8b_stage1 --workdir gs://.../stage1 \\
       --config.data.train_files=/data/llava_pretrain/blip_laion_cc_sbu_558k.json \\

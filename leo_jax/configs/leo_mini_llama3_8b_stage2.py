@@ -1,6 +1,6 @@
-"""LEO-MINI-Llama3-8B stage 2 (SPEC 2.2 recipe): everything trains on the SFT mix (~1.8M samples, template
+"""LEO-MINI-Llama3-8B stage 2 (the paper's recipe): everything trains on the SFT mix (~1.8M samples, template
 'llama3'), lr 2e-5, cosine, 3% warm-up, weight decay 0, 1 epoch, max length 2048; batch 128 (LLaVA-1.5's SFT batch;
-not in the SPEC).
+not given by the paper).
 
 Reading of "everything": the vision experts, CoTR, projector and LLM train; the MMoE routers and LoRA experts stay
 frozen at their initialisation (B = 0, so they add nothing) until stage 3 introduces them. Remove the `frozen`

@@ -1,4 +1,4 @@
-"""LEO-MINI-Llama3-8B stage 3 (SPEC 2.2 recipe): CoTR + MMoE (routers, general and routed LoRA experts) + projector
+"""LEO-MINI-Llama3-8B stage 3 (the paper's recipe): CoTR + MMoE (routers, general and routed LoRA experts) + projector
 train on LLaVA-665K; the LLM and the vision experts are frozen. lr 2e-5, cosine, 3% warm-up, weight decay 0, 1 epoch,
 max length 2048, batch 128; the MMoE balance loss weighs 0.05 (config.train.balance_loss_weight).
 

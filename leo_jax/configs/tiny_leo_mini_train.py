@@ -25,12 +25,12 @@ def synthetic_section(num: int = 20000, val_num: int = 500, multi_image_fraction
 def get_config():
     config = tiny_leo_mini.get_config()
     config.synthetic = synthetic_section()
-    # CoTR at toy size (SPEC 2.4 open points; the paper states neither): with 'sum' pooling and N(0, 0.02^2) queries
+    # CoTR at toy size (the paper states neither): with 'sum' pooling and N(0, 0.02^2) queries
     # the three pooled score rows dwarf the query term, so all 16 output tokens of an image come out identical (one
     # token's worth of information); mean pooling and 0.3-std queries / projections keep them distinct.
     config.model.cotr.pooling = "mean"
     config.model.cotr.initializer_range = 0.3
-    # Without the pooled visual rows (SPEC 2.4 open point; leo_jax.models.cotr): with them every query ends up on
+    # Without the pooled visual rows (not stated in the paper; leo_jax.models.cotr): with them every query ends up on
     # the same one or two of the 64 CLIP tokens (attention rows' mean cosine 0.97), so the LLM sees one token.
     config.model.cotr.visual_bias = False
     # Layout (leo_jax.models.cotr, not in the paper): each of the 4 x 4 queries starts as a soft pooling of its own
