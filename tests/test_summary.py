@@ -45,7 +45,7 @@ def test_leo_mini_flops_are_linear_in_images_and_text_counts_once():
     per_image = cfg.image_forward_flops(80)
     assert per_image > 0
     f0, f1, f3 = (cfg.forward_flops(80, images) for images in (0, 1, 3))
-    assert f0 == pytest.approx(cfg.llm_config.forward_flops(80), rel=1e-12)
+    assert f0 == pytest.approx(cfg.llm.forward_flops(80), rel=1e-12)
     assert f1 - f0 == pytest.approx(per_image, rel=1e-12) and f3 - f0 == pytest.approx(3 * per_image, rel=1e-12)
     assert summary.sample_flops(cfg, 64, summary.visual_counts(7, 2))[:2] == (32, 96)  # 16 tokens per image
 
@@ -55,7 +55,7 @@ def test_train_flops_per_step_counts_the_batch_tiles():
     config's default (7 tiles per row) stays."""
     cfg = model_config(load_config("tiny_leo").model)
     got = train_flops_per_step(cfg, 224, 4, 0, {"tokens": 500.0, "tiles": 6.0})
-    assert got == pytest.approx(3 * (4 * cfg.llm_config.forward_flops(224) + 6 * cfg.tile_forward_flops()), rel=1e-12)
+    assert got == pytest.approx(3 * (4 * cfg.llm.forward_flops(224) + 6 * cfg.tile_forward_flops()), rel=1e-12)
     assert train_flops_per_step(cfg, 224, 4, 0) == pytest.approx(3 * 4 * cfg.forward_flops(224, 7), rel=1e-12)
     llm = model_config(load_config("tiny_llm").model)  # no visual count: the batch counts change nothing
     assert train_flops_per_step(llm, 64, 2, 0, {"tokens": 100.0}) == 3 * 2 * llm.forward_flops(64)

@@ -181,7 +181,7 @@ class LeoMiniConfig:
     def forward_flops(self, seq_len: int, images: float = 1) -> float:
         """Forward FLOPs per sample with `seq_len` tokens (visual tokens included) and `images` real images: the LLM
         plus each image's experts, CoTR and projector."""
-        return self.llm_config.forward_flops(seq_len) + images * self.image_forward_flops(seq_len)
+        return self.llm.forward_flops(seq_len) + images * self.image_forward_flops(seq_len)
 
 
 def keyed_experts(experts: Mapping[str, Any], order: tuple[str, ...], where: str) -> tuple[dict, ...]:
