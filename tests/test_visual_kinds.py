@@ -23,7 +23,7 @@ def test_leo_tiles_follow_the_model(preset):
     assert isinstance(kind, visual.LeoTiles)
     assert kind.tokens_per_tile == tokens.shape[1] == {"tiny_leo": 32, "leo_8b": 512}[preset]
     assert kind.tile_size == model.cfg.intern_vit.image_size
-    assert kind.slots == config.data.leo.max_tiles_per_row
+    assert kind.slots == visual.tiles_per_row(config.data.leo) == {"tiny_leo": 2, "leo_8b": 7}[preset]
     assert kind.preflight_counts() == {"tokens_per_tile": tokens.shape[1]}
 
 

@@ -44,11 +44,11 @@ def directory_kind(path: str | os.PathLike) -> str:
     try:
         find_checkpoint(str(path))
         return TRAINING
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError as e:
+        training_error = str(e).split(":")[0]  # "no checkpoints found in DIR"
     raise FileNotFoundError(
-        f"{path} is no model directory leo_jax knows: looked for a training checkpoint (a workdir with "
-        f"checkpoints/<step>/, or <step>/ holding 'state' and 'config'), {path / META_FILE} (a checkpoint from "
+        f"{path} is no model directory leo_jax knows ({training_error}): looked for a training checkpoint (a workdir "
+        f"with checkpoints/<step>/, or <step>/ holding 'state' and 'config'), {path / META_FILE} (a checkpoint from "
         f"`convert import-hf`) and {path / 'config.json'} with {SAFE_SINGLE} or {SAFE_INDEX} (an exported model); "
         f"found {sorted(p.name for p in path.iterdir())}")
 

@@ -54,7 +54,7 @@ class LLMConfig:
     remat_policy: str = "none"
     # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto (splash on TPU, cudnn on GPU, else xla;
     # decoding with a KV cache always runs xla). splash_block: splash's q/kv block size (a multiple of 128).
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     splash_block: int = 512
     mmoe: MMoEConfig | None = None  # LEO-MINI's LoRA experts + routers
 

@@ -74,7 +74,7 @@ class SamVisionConfig:
     remat_policy: str = "none"
     # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto; splash_block: splash's block size.
     # The kernels take no additive bias, so with use_rel_pos (SAM's decomposed relative positions) SAM runs xla.
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     splash_block: int = 512
 
     def __post_init__(self):

@@ -61,7 +61,7 @@ class ViTConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     # Attention kernel (leo_jax.layers.attention): xla | splash | cudnn | auto; splash_block: splash's block size.
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     splash_block: int = 512
 
     def __post_init__(self):
