@@ -45,7 +45,8 @@ def leo_mini_checkpoint(tmp_path_factory):
     config.data.update(train_files=os.path.join(data_dir, "data.json"), eval_files=os.path.join(data_dir, "val.json"))
     trainer = Trainer(config, workdir)
     trainer.setup()
-    trainer.checkpointer.save(0, trainer.state, trainer.iterator, trainer.config.to_dict(), force=True)
+    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
+                               trainer.config.to_dict(), force=True)
     trainer.close()
     return workdir, data_dir
 

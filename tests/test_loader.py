@@ -43,7 +43,8 @@ def dirs(tmp_path_factory):
     config.model.llm = {**config.model.llm, "initializer_range": 0.5}
     trainer = Trainer(config, workdir)
     trainer.setup()
-    trainer.checkpointer.save(0, trainer.state, trainer.iterator, trainer.config.to_dict(), force=True)
+    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
+                               trainer.config.to_dict(), force=True)
     trainer.close()
     export_trained(workdir, root / "export")
     import_hf(root / "export", root / "converted")

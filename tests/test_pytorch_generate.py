@@ -50,7 +50,8 @@ def exported(request, synthetic_dir, tmp_path_factory):
     workdir = str(root / "run")
     trainer = Trainer(config, workdir)
     trainer.setup()
-    trainer.checkpointer.save(0, trainer.state, trainer.iterator, trainer.config.to_dict(), force=True)
+    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
+                               trainer.config.to_dict(), force=True)
     trainer.close()
     export_trained(workdir, str(root / "export"))
     images = [os.path.join(synthetic_dir, "images", "val", f"{i:06d}.png") for i in range(3)]
