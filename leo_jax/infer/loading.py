@@ -47,7 +47,7 @@ def directory_kind(path: str | os.PathLike) -> str:
     except FileNotFoundError as e:
         training_error = str(e).split(":")[0]  # "no checkpoints found in DIR"
     raise FileNotFoundError(
-        f"{path} is no model directory leo_jax knows ({training_error}): looked for a training checkpoint (a workdir "
+        f"{path} is no model directory leo_jax knows: looked for a training checkpoint ({training_error}; a workdir "
         f"with checkpoints/<step>/, or <step>/ holding 'state' and 'config'), {path / META_FILE} (a checkpoint from "
         f"`convert import-hf`) and {path / 'config.json'} with {SAFE_SINGLE} or {SAFE_INDEX} (an exported model); "
         f"found {sorted(p.name for p in path.iterdir())}")
