@@ -1,5 +1,5 @@
 """Loading trained checkpoints (`load_trained`) and `python -m leo_jax.eval`: parameters restored bit for bit, the
-evaluator's files agree with leo_jax.eval.metrics, clear errors for bad checkpoints and bad benchmark files."""
+evaluator's files agree with leo_jax.scoring, clear errors for bad checkpoints and bad benchmark files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from leo_jax import scoring as metrics
 from leo_jax.checkpoints import find_checkpoint, load_trained
 from leo_jax.config import load_config
 from leo_jax.data import synthetic
-from leo_jax.eval import benchmark, metrics
+from leo_jax.eval import benchmark
 from leo_jax.eval.__main__ import main as eval_main
 from leo_jax.train.loop import Trainer
 from train_helpers import llm_train_config

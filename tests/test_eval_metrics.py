@@ -2,7 +2,7 @@
 
 import pytest
 
-from leo_jax.eval.metrics import (
+from leo_jax.scoring import (
     METRICS,
     anls,
     exact_match,

@@ -1,4 +1,4 @@
-"""Import layers: layers < models < {data, convert, checkpoints} < {train, infer} < {eval, CLIs}.
+"""Import layers: layers < models < {data, convert, checkpoints} < scoring < {train, infer} < {eval, CLIs}.
 
 Each check imports modules in a fresh interpreter and lists the leo_jax packages that ended up in `sys.modules`
 (module-level imports, followed transitively), and scans the same files' own source for imports inside functions

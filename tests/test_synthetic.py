@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from leo_jax import scoring
 from leo_jax.data import synthetic
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -204,13 +205,13 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
 
 def test_per_type_accuracy(val_records):
     truth = [r["conversations"][-1]["value"] for r in val_records]
-    perfect = synthetic.per_type_accuracy(val_records, [" " + a.capitalize() + "." for a in truth])
+    perfect = scoring.per_type_accuracy(val_records, [" " + a.capitalize() + "." for a in truth])
     assert all(v["accuracy"] == 1.0 for v in perfect.values())
-    always_yes = synthetic.per_type_accuracy(val_records, ["yes"] * len(val_records))
+    always_yes = scoring.per_type_accuracy(val_records, ["yes"] * len(val_records))
     assert always_yes["exists"]["accuracy"] == 0.5 and always_yes["color"]["accuracy"] == 0.0
     assert always_yes["exists"]["uniform_accuracy"] == 0.5
     with pytest.raises(ValueError, match="got 1 predictions for 1000 records"):
-        synthetic.per_type_accuracy(val_records, ["yes"])
+        scoring.per_type_accuracy(val_records, ["yes"])
 
 
 def test_follow_up_questions_are_answerable_and_correct():

@@ -354,31 +354,6 @@ def chance_levels(records) -> dict[str, dict]:
     return levels
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case first word without surrounding punctuation ("Red." -> "red")."""
-    words = text.strip().lower().split()
-    return words[0].strip(".,!?;:\"'") if words else ""
-
-
-def per_type_accuracy(records, predictions) -> dict[str, dict]:
-    """Exact-match accuracy per evaluated question type next to its chance level.
-
-    predictions[i] is the model's answer to records[i]'s (single) question; answers are compared
-    after normalize_answer. Returns {type: {num, accuracy, majority_accuracy, uniform_accuracy}}.
-    """
-    if len(predictions) != len(records):
-        raise ValueError(f"got {len(predictions)} predictions for {len(records)} records")
-    correct = collections.Counter()
-    for record, prediction in zip(records, predictions):
-        if record["question_type"] in ANSWERS:
-            target = record["conversations"][1]["value"]
-            correct[record["question_type"]] += normalize_answer(prediction) == target
-    levels = chance_levels(records)
-    return {t: {"num": level["num"], "accuracy": correct[t] / level["num"],
-                "majority_accuracy": level["majority_accuracy"], "uniform_accuracy": level["uniform_accuracy"]}
-            for t, level in levels.items()}
-
-
 def corpus_texts() -> list[str]:
     """Every question and answer text the generator can produce (the shipped tokenizer covers them)."""
     texts = [IMAGE_PLACEHOLDER + "\n"] + list(NUMBER_WORDS)

@@ -2,7 +2,7 @@
 [--mesh fsdp=8]`
 
 Answers every question of a benchmark JSONL file with the model in DIR (greedy, KV cache), scores the answers
-(leo_jax.eval.metrics) and writes OUT/predictions.jsonl and OUT/summary.json. DIR is a training workdir (its newest
+(leo_jax.scoring) and writes OUT/predictions.jsonl and OUT/summary.json. DIR is a training workdir (its newest
 checkpoint), a step directory, a `convert import-hf` checkpoint or an exported model directory. The record format
 and the metric rules are in leo_jax/eval/benchmark.py; the built-in synthetic set writes one
 (DIR/synthetic/val.jsonl).
@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 
-from leo_jax.eval import benchmark, metrics
+from leo_jax import scoring
+from leo_jax.eval import benchmark
 
 
 def default_out_dir(step_dir, step: int | None, data: str) -> str:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval/<data stem>-step<N>)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation call (default 8)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    parser.add_argument("--metric", default=benchmark.AUTO, choices=[benchmark.AUTO, *sorted(metrics.METRICS)],
+    parser.add_argument("--metric", default=benchmark.AUTO, choices=[benchmark.AUTO, *sorted(scoring.METRICS)],
                         help="metric for records without a 'metric' field (default auto: multiple_choice with "
                              "options, vqa_accuracy with >= 3 answers, else exact_match)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")

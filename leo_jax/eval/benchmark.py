@@ -10,7 +10,7 @@ Input, one JSON object per line (image paths relative to the file's directory)::
 The metric of a record is its own `metric` field, else the `--metric` flag, else (auto) `multiple_choice` when the
 record has options, `vqa_accuracy` with 3 or more reference answers (VQA's annotator answers), else `exact_match`.
 Multiple-choice questions get their options appended as lettered lines and LLaVA's instruction to answer with the
-letter. Scores come from `leo_jax.eval.metrics`.
+letter. Scores come from `leo_jax.scoring`.
 
 Outputs: predictions.jsonl (id, question, prediction, references, metric, score, question_type) and summary.json
 (overall mean score, per metric and per question type, counts).
@@ -27,8 +27,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from leo_jax import scoring
 from leo_jax.data.sources import LlavaJsonSource
-from leo_jax.eval import metrics
 from leo_jax.infer.chat import InferenceEngine, Request
 from leo_jax.infer.generate import SamplingConfig
 
@@ -55,11 +55,11 @@ class BenchmarkRecord:
         """The question, with lettered options and the answer-with-a-letter instruction for multiple choice."""
         if self.options is None:
             return self.question
-        lines = [f"{letter}. {text}" for letter, text in sorted(metrics.option_map(self.options).items())]
+        lines = [f"{letter}. {text}" for letter, text in sorted(scoring.option_map(self.options).items())]
         return "\n".join([self.question, *lines, MULTIPLE_CHOICE_INSTRUCTION])
 
     def metric_input(self, prediction: str) -> dict:
-        """The record as `metrics.score_record` takes it."""
+        """The record as `scoring.score_record` takes it."""
         out = {"prediction": prediction, "answers": list(self.references)}
         if self.options is not None:
             out["options"] = self.options
@@ -114,14 +114,14 @@ def parse_record(obj: Any, where: str, base_dir: str, metric: str = AUTO) -> Ben
     options = obj.get("options", obj.get("choices"))
     if options is not None:
         try:
-            metrics.option_map(options)
+            scoring.option_map(options)
         except ValueError as e:
             raise BenchmarkError(f"{where}: field 'options': {e}") from e
     chosen = _field(obj, "metric", str, where, required=False) or metric
     if chosen == AUTO:
         chosen = auto_metric(len(references), options is not None)
-    if chosen not in metrics.METRICS:
-        raise BenchmarkError(f"{where}: metric {chosen!r} is unknown; choose one of {sorted(metrics.METRICS)}")
+    if chosen not in scoring.METRICS:
+        raise BenchmarkError(f"{where}: metric {chosen!r} is unknown; choose one of {sorted(scoring.METRICS)}")
     question_type = obj.get("question_type")
     record_id = obj.get("id", where)
     return BenchmarkRecord(id=str(record_id), question=question, images=tuple(paths), references=tuple(references),
@@ -177,7 +177,7 @@ def score_predictions(records: Sequence[BenchmarkRecord], predictions: Sequence[
     options when present)."""
     lines = []
     for index, (record, prediction) in enumerate(zip(records, predictions, strict=True)):
-        value = metrics.score_record(record.metric_input(prediction), [record.metric], index)[record.metric]
+        value = scoring.score_record(record.metric_input(prediction), [record.metric], index)[record.metric]
         line = {"id": record.id, "question": record.question, "prediction": prediction,
                 "references": list(record.references), "metric": record.metric, "score": value}
         if record.question_type is not None:
@@ -189,7 +189,7 @@ def score_predictions(records: Sequence[BenchmarkRecord], predictions: Sequence[
 
 
 def summarize(records: Sequence[BenchmarkRecord], lines: Sequence[dict]) -> dict:
-    """Overall mean score; per metric `metrics.score` of its records; per question type the mean score and count."""
+    """Overall mean score; per metric `scoring.score` of its records; per question type the mean score and count."""
     by_metric: dict[str, list[dict]] = defaultdict(list)
     by_type: dict[str, list[float]] = defaultdict(list)
     for record, line in zip(records, lines):
@@ -199,7 +199,7 @@ def summarize(records: Sequence[BenchmarkRecord], lines: Sequence[dict]) -> dict
     return {
         "num_samples": len(lines),
         "score": sum(line["score"] for line in lines) / len(lines),
-        "per_metric": {name: metrics.score(group, [name]) for name, group in sorted(by_metric.items())},
+        "per_metric": {name: scoring.score(group, [name]) for name, group in sorted(by_metric.items())},
         "per_question_type": {name: {"num_samples": len(scores), "score": sum(scores) / len(scores)}
                               for name, scores in sorted(by_type.items())},
     }

@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from leo_jax.data import pipeline, sources, synthetic, templates
+from leo_jax import scoring
+from leo_jax.data import pipeline, sources, templates
 from leo_jax.data.templates import decode_answer
 from leo_jax.data.visual import VisualKind
 from leo_jax.infer.generate import SamplingConfig, generate_from_batch
@@ -117,10 +118,10 @@ def _target_answer(tokenizer, batch: Mapping[str, np.ndarray], row: int, length:
 def answer_metrics(indices: list[int], predictions: list[str], targets: list[str],
                    raw_records: list[dict] | None) -> dict[str, Any]:
     metrics = {"eval/num": float(len(predictions)),
-               "eval/exact_match": float(np.mean([synthetic.normalize_answer(p) == synthetic.normalize_answer(t)
-                                                  for p, t in zip(predictions, targets)])) if predictions else 0.0}
+               "eval/exact_match": float(np.mean([scoring.exact_match(p, [t]) for p, t in zip(predictions, targets)]))
+               if predictions else 0.0}
     if raw_records is not None and all("question_type" in raw_records[i] for i in indices):
-        per_type = synthetic.per_type_accuracy([raw_records[i] for i in indices], predictions)
+        per_type = scoring.per_type_accuracy([raw_records[i] for i in indices], predictions)
         for question_type, values in per_type.items():
             metrics[f"eval/{question_type}/accuracy"] = values["accuracy"]
             metrics[f"eval/{question_type}/majority_accuracy"] = values["majority_accuracy"]

@@ -1,7 +1,10 @@
-"""Benchmark answer metrics: VQAv2 soft accuracy with its answer normalisation, exact match, ANLS, ChartQA's relaxed
-accuracy and multiple-choice accuracy, plus `score`, which averages them over records overall and per question type.
+"""Answer scoring, the one home of answer normalisation and metrics: VQAv2 soft accuracy with its answer
+normalisation, exact match, ANLS, ChartQA's relaxed accuracy and multiple-choice accuracy; `score`, which averages
+them over records overall and per question type; and `per_type_accuracy`, the built-in synthetic set's exact match
+per question type next to its chance level.
 
-Every metric maps (prediction, references) to a score in [0, 1]; pure Python, no framework dependency.
+Every metric maps (prediction, references) to a score in [0, 1]; pure Python (no JAX). The trainer's validation
+and `python -m leo_jax.eval` both score with this module.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+
+from leo_jax.data import synthetic
 
 # ---------------------------------------------------------------------------------------------------------------
 # VQAv2 answer normalisation (the official evaluation script, vqaEval.py: processPunctuation + processDigitArticle)
@@ -379,3 +384,21 @@ def score(records: Sequence[Record], metric_names: Sequence[str]) -> dict:
                             "metrics": {name: type_totals[question_type][name] / count for name in metric_names}}
             for question_type, count in sorted(type_counts.items())},
     }
+
+
+def per_type_accuracy(records: Sequence[Mapping], predictions: Sequence[str]) -> dict[str, dict]:
+    """Exact match (`exact_match`) per evaluated question type of synthetic-set records next to its chance level.
+
+    predictions[i] is the model's answer to records[i]'s first question. Returns {type: {num, accuracy,
+    majority_accuracy, uniform_accuracy}} for the evaluated types present (`synthetic.chance_levels`).
+    """
+    if len(predictions) != len(records):
+        raise ValueError(f"got {len(predictions)} predictions for {len(records)} records")
+    levels = synthetic.chance_levels(records)
+    scored = [{"prediction": prediction, "answer": record["conversations"][1]["value"],
+               "question_type": record["question_type"]}
+              for record, prediction in zip(records, predictions) if record["question_type"] in levels]
+    per_type = score(scored, ["exact_match"])["per_question_type"] if scored else {}
+    return {t: {"num": level["num"], "accuracy": per_type[t]["metrics"]["exact_match"],
+                "majority_accuracy": level["majority_accuracy"], "uniform_accuracy": level["uniform_accuracy"]}
+            for t, level in levels.items()}
