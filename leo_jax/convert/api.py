@@ -13,7 +13,6 @@ from flax import nnx
 from leo_jax.checkpoints import META_FILE, load_leo_params, load_trained, read_leo_meta, save_leo_checkpoint
 from leo_jax.config import dataclass_from_config
 from leo_jax.convert.core import (
-    NUMPY_DTYPES,
     ConversionError,
     Family,
     HFCheckpoint,
@@ -24,7 +23,7 @@ from leo_jax.convert.core import (
     import_params,
 )
 from leo_jax.data.export_files import PROCESSING_FILES
-from leo_jax.layers.common import dtype_name
+from leo_jax.layers.common import DTYPES, dtype_name
 from leo_jax.sharding import build_mesh, tree_shardings
 
 
@@ -180,7 +179,7 @@ def _write_hf(fam: Family, cfg: Any, params: dict, out, dtype: Any, hf_config: d
     out = Path(out)
     dtype = _name(dtype, "--dtype")
     writer = SafetensorsWriter(out, max_shard_bytes)
-    for name, array in export_tensors(fam, cfg, params, NUMPY_DTYPES.get(dtype)):
+    for name, array in export_tensors(fam, cfg, params, DTYPES.get(dtype)):
         writer.add(name, array)
     writer.close()
     hf = fam.config_to_hf(cfg, hf_config)

@@ -20,6 +20,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from leo_jax.layers.common import DTYPES
+
 Array = np.ndarray
 
 
@@ -172,9 +174,6 @@ def numpy_to_torch(array: Array):
     return torch.from_numpy(array)
 
 
-NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path} not found: {what}")
@@ -248,7 +247,7 @@ class HFCheckpoint:
     def dtype(self) -> str:
         """The checkpoint's storage dtype as a name ('bfloat16', 'float32', ...), from the first tensor."""
         first = self.get(self.names[0])
-        return {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}.get(first.dtype, "float32")
+        return {v: k for k, v in DTYPES.items()}.get(first.dtype, "float32")
 
 
 class SafetensorsWriter:

@@ -8,16 +8,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
 Shape = tuple[int, ...]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The one table of dtype names: numpy dtypes (bfloat16 from ml_dtypes), which JAX takes as they are and numpy code
+# (conversion, safetensors I/O) casts to; jnp.float32 etc. are these dtypes' scalar types.
+DTYPES = {name: np.dtype(dtype) for name, dtype in
+          (("float32", np.float32), ("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16))}
 
 
-def to_dtype(name_or_dtype: Any) -> jnp.dtype:
-    """'bfloat16' -> jnp.bfloat16; passes dtypes through."""
+def to_dtype(name_or_dtype: Any) -> np.dtype:
+    """'bfloat16' -> the bfloat16 dtype; passes dtypes through (as numpy dtypes)."""
     if isinstance(name_or_dtype, str):
         if name_or_dtype not in DTYPES:
             raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}")
