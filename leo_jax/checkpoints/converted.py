@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from leo_jax.jsonfile import read_json
+
 META_FILE = "leo_model.json"
 
 
@@ -33,14 +35,8 @@ def save_leo_checkpoint(out_dir: str | os.PathLike, family: str, cfg: Any, param
 
 def read_leo_meta(ckpt_dir: str | os.PathLike) -> dict:
     """The meta file of a converted checkpoint as a dict."""
-    path = Path(ckpt_dir) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a leo_jax model checkpoint (write one with "
-                                "`python -m leo_jax.convert import-hf --src HF_DIR --out CKPT_DIR`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix it or convert again") from e
+    return read_json(Path(ckpt_dir) / META_FILE, f"{ckpt_dir} is not a leo_jax model checkpoint (write one with "
+                     "`python -m leo_jax.convert import-hf --src HF_DIR --out CKPT_DIR`)", "fix it or convert again")
 
 
 def load_leo_params(ckpt_dir: str | os.PathLike, abstract: dict[str, Any] | None = None) -> dict[str, jax.Array]:

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from leo_jax.jsonfile import read_json
 from leo_jax.layers.common import DTYPES
 
 Array = np.ndarray
@@ -174,15 +175,6 @@ def numpy_to_torch(array: Array):
     return torch.from_numpy(array)
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path} not found: {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-export it") from e
-
-
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -209,9 +201,10 @@ class HFCheckpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConversionError(f"{self.path} is not a directory with config.json and *.safetensors")
-        self.config = read_json(self.path / "config.json", "a Hugging Face directory needs config.json")
+        self.config = read_json(self.path / "config.json", "a Hugging Face directory needs config.json",
+                                "fix or re-export it", ConversionError)
         if (self.path / SAFE_INDEX).is_file():
-            index = read_json(self.path / SAFE_INDEX, "the safetensors index")
+            index = read_json(self.path / SAFE_INDEX, "the safetensors index", "fix or re-export it", ConversionError)
             if "weight_map" not in index:
                 raise ConversionError(f"{self.path / SAFE_INDEX} has no 'weight_map'")
             self.file_of = dict(index["weight_map"])

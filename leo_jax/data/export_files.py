@@ -11,6 +11,7 @@ from pathlib import Path
 
 from leo_jax.data import pipeline, templates, visual
 from leo_jax.data.tokenizer import Tokenizer
+from leo_jax.jsonfile import read_json
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -58,14 +59,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 PROCESSING_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "preprocessor_config.json")
 
 
-def _read_json(path: Path, holds: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a model directory needs it for {holds} (exports written by "
-                                "`python -m leo_jax.convert export` ship it)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-export the model") from e
+# Why a missing file matters, for `read_json`.
+_NEEDED_FOR = "a model directory needs it for {} (exports written by `python -m leo_jax.convert export` ship it)"
 
 
 def read_data_config(model_dir: str | Path):
@@ -78,11 +73,13 @@ def read_data_config(model_dir: str | Path):
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"missing tokenizer: {model_dir} holds neither {model_dir / TOKENIZER_FILES[0]} nor "
                                 f"{TOKENIZER_FILES[1]}; copy the tokenizer the model was trained with into it")
-    tokenizer_config = _read_json(model_dir / "tokenizer_config.json", "the conversation template")
+    tokenizer_config = read_json(model_dir / "tokenizer_config.json", _NEEDED_FOR.format("the conversation template"),
+                                 "re-export the model")
     if not tokenizer_config.get("leo_jax_template"):
         raise ValueError(f"{model_dir / 'tokenizer_config.json'} lacks 'leo_jax_template' (the training conversation "
                          "template): re-export the model with leo_jax")
-    pre = _read_json(model_dir / "preprocessor_config.json", "the image preprocessing")
+    pre = read_json(model_dir / "preprocessor_config.json", _NEEDED_FOR.format("the image preprocessing"),
+                    "re-export the model")
     data = common_data.get_config()
     data.tokenizer = str(model_dir)
     data.template = tokenizer_config["leo_jax_template"]

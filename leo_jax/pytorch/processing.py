@@ -14,7 +14,6 @@ feeds the model.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,13 @@ from PIL import Image
 
 from leo_jax.data import image_processing, templates, tiling
 from leo_jax.data.tokenizer import load_tokenizer
+from leo_jax.jsonfile import read_json
 
 _ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {what} (export the model with `python -m leo_jax.convert "
-                                f"export-hf`, which writes it)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+# Why a missing file matters, for `read_json`.
+_NEEDED_FOR = "{} (export the model with `python -m leo_jax.convert export-hf`, which writes it)"
 
 
 def load_image(source: Any, origin: str = "") -> Image.Image:
@@ -74,10 +68,12 @@ class LeoProcessor:
     def __init__(self, path: str | Path):
         path = Path(path)
         self.path = path
-        config = _read_json(path / "config.json", "the model config")
-        tokenizer_config = _read_json(path / "tokenizer_config.json", "the tokenizer settings and chat template")
+        config = read_json(path / "config.json", _NEEDED_FOR.format("the model config"), "re-export the model")
+        tokenizer_config = read_json(path / "tokenizer_config.json",
+                                     _NEEDED_FOR.format("the tokenizer settings and chat template"),
+                                     "re-export the model")
         pre_file = path / "preprocessor_config.json"
-        pre = _read_json(pre_file, "the image preprocessing")
+        pre = read_json(pre_file, _NEEDED_FOR.format("the image preprocessing"), "re-export the model")
         self.kind = pre.get("model_kind")
         if self.kind not in ("leo", "leo_mini"):
             raise ValueError(f"{pre_file}: model_kind={self.kind!r}; LeoProcessor serves 'leo' and 'leo_mini' exports")

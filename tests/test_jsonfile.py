@@ -1,0 +1,55 @@
+"""The one JSON reader: its errors name the file and what to do, for every directory format that reads through it."""
+
+import pytest
+
+from leo_jax.checkpoints import read_leo_meta
+from leo_jax.convert.core import ConversionError, HFCheckpoint
+from leo_jax.data.export_files import read_data_config
+from leo_jax.jsonfile import read_json
+
+
+def test_read_json_values_and_errors(tmp_path):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"a": [1, 2.5, null]}')
+    bad.write_text('{\n  "a": 1,\n  "b": \n}')
+    assert read_json(good, "needed", "fix it") == {"a": [1, 2.5, None]}
+    with pytest.raises(FileNotFoundError, match=r"missing\.json not found: the model needs it$"):
+        read_json(tmp_path / "missing.json", "the model needs it", "fix it")
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON \(Expecting value at line 4 column 1\); "
+                                         r"re-export it$"):
+        read_json(bad, "needed", "re-export it")
+    for path in (tmp_path / "missing.json", bad):  # a caller's own error class, for both failures
+        with pytest.raises(ConversionError, match=str(path)):
+            read_json(path, "needed", "fix it", ConversionError)
+
+
+def test_each_directory_format_names_the_file_and_the_remedy(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"leo_model\.json not found: .* is not a leo_jax model checkpoint "
+                                                r"\(write one with `python -m leo_jax.convert import-hf"):
+        read_leo_meta(tmp_path)
+    (tmp_path / "leo_model.json").write_text("{")
+    with pytest.raises(ValueError, match=r"leo_model\.json is not valid JSON .*; fix it or convert again"):
+        read_leo_meta(tmp_path)
+
+    with pytest.raises(ConversionError, match=r"config\.json not found: a Hugging Face directory needs config\.json"):
+        HFCheckpoint(tmp_path)
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer_config\.json not found: a model directory needs it for "
+                                                r"the conversation template \(exports written by"):
+        read_data_config(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"leo_jax_template": "plain"} x')
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON .*; re-export the model"):
+        read_data_config(tmp_path)
+
+
+def test_pytorch_processor_reads_through_the_same_reader(tmp_path):
+    from leo_jax.pytorch.processing import LeoProcessor
+
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found: the model config \(export the model with"):
+        LeoProcessor(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{,}")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON \(.* line 1 column 2\); "
+                                         r"re-export the model"):
+        LeoProcessor(tmp_path)
