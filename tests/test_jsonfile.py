@@ -1,10 +1,13 @@
 """The one JSON reader: its errors name the file and what to do, for every directory format that reads through it."""
 
+import shutil
+
 import pytest
 
 from leo_jax.checkpoints import read_leo_meta
 from leo_jax.convert.core import ConversionError, HFCheckpoint
 from leo_jax.data.export_files import read_data_config
+from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
 from leo_jax.jsonfile import read_json
 
 
@@ -53,3 +56,11 @@ def test_pytorch_processor_reads_through_the_same_reader(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON \(.* line 1 column 2\); "
                                          r"re-export the model"):
         LeoProcessor(tmp_path)
+
+
+def test_tokenizer_config_is_read_through_the_same_reader(tmp_path):
+    shutil.copy(SYNTHETIC_TOKENIZER_PATH, tmp_path / "tokenizer.json")
+    assert load_tokenizer(str(tmp_path)).eos_id is not None  # no tokenizer_config.json: optional
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",}')
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON .*; fix or replace it"):
+        load_tokenizer(str(tmp_path))

@@ -9,11 +9,12 @@ bos/eos/pad ids. The tokenizer that ships with the package for the synthetic dat
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import os
 import re
 from collections.abc import Sequence
+
+from leo_jax.jsonfile import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -332,10 +333,8 @@ def load_tokenizer(path: str, *, bos_token: str | None = None, eos_token: str | 
                          "SentencePiece .model)")
 
     config_path = os.path.join(os.path.dirname(file_path), "tokenizer_config.json")
-    config = {}
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+    config = read_json(config_path, "the tokenizer's special tokens", "fix or replace it") \
+        if os.path.isfile(config_path) else {}
     if isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer.register_added_tokens(config.get("added_tokens_decoder", {}), config_path)
     tokenizer._resolve_special_ids(bos_token, eos_token, pad_token, config)
