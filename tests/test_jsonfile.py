@@ -1,5 +1,6 @@
 """The one JSON reader: its errors name the file and what to do, for every directory format that reads through it."""
 
+import re
 import shutil
 
 import pytest
@@ -26,24 +27,24 @@ def test_read_json_values_and_errors(tmp_path):
             read_json(path, "needed", "fix it", ConversionError)
 
 
-def test_each_directory_format_names_the_file_and_the_remedy(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"leo_model\.json not found: .* is not a leo_jax model checkpoint "
-                                                r"\(write one with `python -m leo_jax.convert import-hf"):
-        read_leo_meta(tmp_path)
-    (tmp_path / "leo_model.json").write_text("{")
-    with pytest.raises(ValueError, match=r"leo_model\.json is not valid JSON .*; fix it or convert again"):
-        read_leo_meta(tmp_path)
+@pytest.mark.parametrize("reader, name, missing, fix", [
+    (read_leo_meta, "leo_model.json", r"is not a leo_jax model checkpoint \(write one with `python -m leo_jax.convert "
+                                      r"import-hf", "fix it or convert again"),
+    (read_data_config, "tokenizer_config.json", r"a model directory needs it for the conversation template "
+                                                r"\(exports written by", "re-export the model"),
+], ids=["converted-checkpoint", "exported-directory"])
+def test_directory_formats_name_the_file_and_the_remedy(tmp_path, reader, name, missing, fix):
+    (tmp_path / "tokenizer.json").write_text("{}")  # an exported directory's tokenizer is checked first
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(name)} not found: .*{missing}"):
+        reader(tmp_path)
+    (tmp_path / name).write_text('{"leo_jax_template": "plain"} x')
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} is not valid JSON .*; {fix}$"):
+        reader(tmp_path)
 
+
+def test_hugging_face_directory_raises_conversion_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"config\.json not found: a Hugging Face directory needs config\.json"):
         HFCheckpoint(tmp_path)
-
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"tokenizer_config\.json not found: a model directory needs it for "
-                                                r"the conversation template \(exports written by"):
-        read_data_config(tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text('{"leo_jax_template": "plain"} x')
-    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON .*; re-export the model"):
-        read_data_config(tmp_path)
 
 
 def test_pytorch_processor_reads_through_the_same_reader(tmp_path):
