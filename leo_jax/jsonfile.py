@@ -1,4 +1,5 @@
-"""Reading the JSON files a model or checkpoint directory holds, with errors that name the file and what to do.
+"""Reading and writing the JSON files a model or checkpoint directory holds; read errors name the file and what to
+do.
 
 Imports nothing but the standard library, so every layer, and `leo_jax.pytorch` (which never imports JAX), reads
 its files through this one reader.
@@ -27,3 +28,8 @@ def read_json(path: str | os.PathLike, missing: str, fix: str, error: type[Excep
     except json.JSONDecodeError as e:
         raise (error or ValueError)(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                                     f"{fix}") from e
+
+
+def write_json(path: str | os.PathLike, value: Any, sort_keys: bool = True) -> None:
+    """`value` as indented JSON with a final newline (non-ASCII text as is, as Hugging Face's files write it)."""
+    Path(path).write_text(json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")

@@ -9,7 +9,7 @@ from leo_jax.checkpoints import read_leo_meta
 from leo_jax.convert.core import ConversionError, HFCheckpoint
 from leo_jax.data.export_files import read_data_config
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
-from leo_jax.jsonfile import read_json
+from leo_jax.jsonfile import read_json, write_json
 
 
 def test_read_json_values_and_errors(tmp_path):
@@ -25,6 +25,16 @@ def test_read_json_values_and_errors(tmp_path):
     for path in (tmp_path / "missing.json", bad):  # a caller's own error class, for both failures
         with pytest.raises(ConversionError, match=str(path)):
             read_json(path, "needed", "fix it", ConversionError)
+
+
+def test_write_json_reads_back(tmp_path):
+    value = {"b": [1, {"z": None}], "a": "é <image>"}
+    write_json(tmp_path / "sorted.json", value)
+    write_json(tmp_path / "ordered.json", value, sort_keys=False)
+    assert (tmp_path / "sorted.json").read_text() == ('{\n  "a": "é <image>",\n  "b": [\n    1,\n    {\n'
+                                                       '      "z": null\n    }\n  ]\n}\n')
+    assert (tmp_path / "ordered.json").read_text().startswith('{\n  "b": [')
+    assert read_json(tmp_path / "sorted.json", "", "") == read_json(tmp_path / "ordered.json", "", "") == value
 
 
 @pytest.mark.parametrize("reader, name, missing, fix", [

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 
-from leo_jax.jsonfile import read_json
+from leo_jax.jsonfile import read_json, write_json
 
 META_FILE = "leo_model.json"
 
@@ -29,7 +28,7 @@ def save_leo_checkpoint(out_dir: str | os.PathLike, family: str, cfg: Any, param
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / "params", params)
     meta = {"family": family, "model": dataclasses.asdict(cfg), "hf_config": hf_config, "hf_dtype": hf_dtype}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / META_FILE, meta)
     return out_dir
 
 

@@ -8,7 +8,6 @@ model never needs two full copies in host memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from leo_jax.jsonfile import read_json
+from leo_jax.jsonfile import read_json, write_json
 from leo_jax.layers.common import DTYPES
 
 Array = np.ndarray
@@ -173,10 +172,6 @@ def numpy_to_torch(array: Array):
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def transformers_config_writer(config_class: str, derived: tuple[str, ...] = ()) -> Callable[[dict, Path], None]:

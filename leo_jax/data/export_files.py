@@ -6,16 +6,11 @@ through the same objects the data pipeline uses."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from leo_jax.data import pipeline, templates, visual
 from leo_jax.data.tokenizer import Tokenizer
-from leo_jax.jsonfile import read_json
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+from leo_jax.jsonfile import read_json, write_json
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, template_name: str, seq_len: int, out: Path) -> None:
@@ -26,7 +21,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, template_name: str, seq_len: int
     config.update(bos_token=name(tokenizer.bos_id), eos_token=name(tokenizer.eos_id), pad_token=name(tokenizer.pad_id),
                   chat_template=templates.chat_template_jinja(template), model_max_length=int(seq_len),
                   clean_up_tokenization_spaces=False, leo_jax_template=template.name)
-    _write_json(out / "tokenizer_config.json", config)
+    write_json(out / "tokenizer_config.json", config, sort_keys=False)
 
 
 def preprocessor_config(model_cfg, data_config) -> dict:
@@ -51,7 +46,7 @@ def write_processing_files(model_cfg, data_config, out: str | Path) -> Tokenizer
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = pipeline.prepare_tokenizer(data_config)
     write_tokenizer_files(tokenizer, data_config.template, data_config.seq_len, out)
-    _write_json(out / "preprocessor_config.json", preprocessor_config(model_cfg, data_config))
+    write_json(out / "preprocessor_config.json", preprocessor_config(model_cfg, data_config), sort_keys=False)
     return tokenizer
 
 
