@@ -214,6 +214,22 @@ def test_per_type_accuracy(val_records):
         scoring.per_type_accuracy(val_records, ["yes"])
 
 
+def test_trainer_validation_scores_with_the_benchmark_normaliser(val_records):
+    from leo_jax.train.evaluate import answer_metrics
+
+    records = val_records[:50]
+    truth = [r["conversations"][1]["value"] for r in records]
+    predictions = ["The " + t.capitalize() + "." for t in truth]  # article, case and period are normalised away
+    predictions[0] = truth[0] + " " + truth[0]  # a second word makes another answer
+    metrics = answer_metrics(list(range(50)), predictions, truth, records)
+    assert metrics["eval/num"] == 50 and metrics["eval/exact_match"] == 49 / 50
+    per_type = scoring.per_type_accuracy(records, predictions)
+    assert {k: v for k, v in metrics.items() if k.endswith("/accuracy") and "majority" not in k} == \
+        {f"eval/{t}/accuracy": v["accuracy"] for t, v in per_type.items()}
+    assert [t for t, v in per_type.items() if v["accuracy"] < 1] == [records[0]["question_type"]]
+    assert answer_metrics([0, 1], predictions[:2], truth[:2], None) == {"eval/num": 2.0, "eval/exact_match": 0.5}
+
+
 def test_follow_up_questions_are_answerable_and_correct():
     """follow_ups=3: every single-question record asks 3 more questions about its image, of every evaluated type,
     all correct for the scene (independent solver); the first questions stay balanced per type."""
