@@ -57,3 +57,17 @@ def test_bench_prefill_quick_prints_its_figures():
     assert re.search(r"LEO-MINI \(CoTR\) +16 visual tokens/image", text), text
     assert re.search(r"ratio LEO-style / LEO-MINI: prefill latency [0-9.]+x, decode tokens/s [0-9.]+x, "
                      r"forward FLOPs \(summary\) [0-9.]+x", text), text
+
+
+def test_an_interrupted_run_leaves_no_result(tmp_path, monkeypatch):
+    """A run stopped before its last step (SIGTERM: the trainer saves and returns without evaluating) must not be
+    cached as a result, or a rerun would report it instead of resuming it."""
+    monkeypatch.setattr(cotr_ablation, "ensure_synthetic_data", lambda config, workdir: None)
+    monkeypatch.setattr(cotr_ablation, "train", lambda config, workdir: {})
+    try:
+        cotr_ablation.run_one(cotr_ablation.VARIANTS[0], 0, 10, str(tmp_path), quick=True)
+    except SystemExit as e:
+        assert "stopped before step 10" in str(e.code) and "rerun the same command to resume" in str(e.code)
+    else:
+        raise AssertionError("an interrupted run was accepted")
+    assert not list(tmp_path.glob("runs/*/seed0/result.json"))

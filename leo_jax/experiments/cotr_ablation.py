@@ -56,6 +56,7 @@ class Variant:
         config.train.steps = steps
         config.train.checkpoint_every = max(steps // 2, 1)
         config.train.log_every = max(steps // 10, 1)
+        config.train.update(eval_every=0, eval_at_end=True)  # one evaluation, at the last step: the result
         if quick:  # one layer per network: compilation dominates a few-step run
             config.model.experts.clip.encoder.num_layers = 1
             config.model.llm.num_layers = 1
@@ -85,6 +86,9 @@ def run_one(variant: Variant, seed: int, steps: int, out: str, quick: bool) -> d
     start = time.time()
     ensure_synthetic_data(config, workdir)  # the shared set in DIR/synthetic, written by the first run
     metrics = train(config, workdir)
+    if "eval/exact_match" not in metrics:  # evaluation runs only at the last step (train.eval_every = 0)
+        raise SystemExit(f"{workdir}: the run stopped before step {steps} (SIGTERM?) and has no result; its "
+                         "checkpoint is saved: rerun the same command to resume it")
     result = {"variant": variant.name, "seed": seed, "steps": steps, "wall_s": round(time.time() - start, 1),
               "visual_tokens_per_image": cfg.visual_tokens_per_image(), "seq_len": int(config.data.seq_len),
               "forward_flops_per_sample": cfg.forward_flops(int(config.data.seq_len)),
