@@ -18,7 +18,7 @@ from leo_jax.data import synthetic
 from leo_jax.eval import benchmark
 from leo_jax.eval.__main__ import main as eval_main
 from leo_jax.train.loop import Trainer
-from train_helpers import llm_train_config
+from train_helpers import llm_train_config, save_step0_checkpoint
 
 
 def flat(state) -> dict:
@@ -44,11 +44,7 @@ def leo_mini_checkpoint(tmp_path_factory):
                             text_only_fraction=0.0)
     config = load_config("tiny_leo_mini_train")
     config.data.update(train_files=os.path.join(data_dir, "data.json"), eval_files=os.path.join(data_dir, "val.json"))
-    trainer = Trainer(config, workdir)
-    trainer.setup()
-    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
-                               trainer.config.to_dict(), force=True)
-    trainer.close()
+    save_step0_checkpoint(config, workdir)
     return workdir, data_dir
 
 

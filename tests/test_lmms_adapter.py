@@ -6,6 +6,7 @@ lmms-eval installed."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 from flax import nnx
@@ -76,3 +77,44 @@ def test_request_helpers_and_errors(engine):
         adapter(engine, 1).generate_until([FakeInstance(("q", {}, no_visual, 7, "toy", "test"))])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         LmmsRequests(engine, batch_size=0)
+
+
+def test_lmms_task_documents_score_as_the_benchmark(tmp_path):
+    """leo_jax.eval.lmms_task: each document's prompt is the benchmark's, process_results gives the benchmark's
+    per-record score (multiple choice included), the YAML points at the data file and the module's functions."""
+    import json
+
+    import yaml
+    from PIL import Image
+
+    from leo_jax.eval import benchmark, lmms_task
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
+    lines = [{"id": "a", "question": "What color?", "image": "red.png", "answers": ["red"]},
+             {"id": "b", "question": "Which animal?", "options": ["cat", "dog"], "answer": "B"},
+             {"id": "c", "question": "Name it.", "answers": ["Red", "red", "a red square"], "metric": "vqa_accuracy"}]
+    data = tmp_path / "bench.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data_file, yaml_file = lmms_task.write_task(str(data), str(tmp_path / "tasks"), "toy", max_new_tokens=5)
+    docs = [json.loads(line) for line in open(data_file)]
+    records = benchmark.read_benchmark(str(data))
+    assert [d["prompt"] for d in docs] == [r.prompt() for r in records]
+    assert "Answer with the option's letter" in docs[1]["prompt"]
+    (visual,) = lmms_task.doc_to_visual(docs[0])
+    assert visual.mode == "RGB" and visual.getpixel((0, 0)) == (200, 10, 10)
+    predictions = ["red", "The answer is B.", "red"]
+    expected = [line["score"] for line in benchmark.score_predictions(records, predictions)]
+    assert [lmms_task.process_results(d, [p])["score"] for d, p in zip(docs, predictions)] == expected
+    assert expected == [1, 1, pytest.approx(4 / 9)]  # VQA accuracy: 2 of 3 annotators, leave-one-out mean
+    assert lmms_task.process_results(docs[1], ["A"])["score"] == 0
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    config = yaml.load(open(yaml_file), Loader=Loader)
+    assert config["task"] == "toy" and config["dataset_kwargs"]["data_files"]["test"] == os.path.basename(data_file)
+    assert config["generation_kwargs"]["max_new_tokens"] == 5
+    for key in ("doc_to_visual", "doc_to_text", "doc_to_target", "process_results"):
+        assert config[key] == f"leo_jax.eval.lmms_task.{key}"
+    with pytest.raises(ValueError, match="task name 'bad name'"):
+        lmms_task.write_task(str(data), str(tmp_path / "tasks"), "bad name")

@@ -23,7 +23,7 @@ from leo_jax.eval.__main__ import main as eval_main
 from leo_jax.infer.chat import InferenceEngine, Request
 from leo_jax.infer.loading import CONVERTED, EXPORTED, TRAINING, directory_kind, load_any
 from leo_jax.sharding import mesh_from_flag
-from leo_jax.train.loop import Trainer
+from train_helpers import save_step0_checkpoint
 
 NEW_TOKENS = 6
 QUESTIONS = ["What color is the square?", "What shape is the red object?", "Is the red circle left or right?"]
@@ -41,11 +41,7 @@ def dirs(tmp_path_factory):
     config = load_config("tiny_leo_mini_train")
     config.data.update(train_files=os.path.join(data_dir, "data.json"), eval_files=os.path.join(data_dir, "val.json"))
     config.model.llm = {**config.model.llm, "initializer_range": 0.5}
-    trainer = Trainer(config, workdir)
-    trainer.setup()
-    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
-                               trainer.config.to_dict(), force=True)
-    trainer.close()
+    save_step0_checkpoint(config, workdir)
     export_trained(workdir, root / "export")
     import_hf(root / "export", root / "converted")
     return {"workdir": workdir, "step": os.path.join(workdir, "checkpoints", "0"), "export": str(root / "export"),

@@ -21,7 +21,7 @@ from leo_jax.data import synthetic
 from leo_jax.infer.chat import InferenceEngine, Request
 from leo_jax.pytorch import LeoMiniForCausalLM, LeoModel
 from leo_jax.pytorch.processing import LeoProcessor
-from leo_jax.train.loop import Trainer
+from train_helpers import save_step0_checkpoint
 
 NEW_TOKENS = 6
 QUESTIONS = ["What color is the square?", "What shape is the red object?",
@@ -48,11 +48,7 @@ def exported(request, synthetic_dir, tmp_path_factory):
                        eval_files=os.path.join(synthetic_dir, "val.json"))
     config.model.llm = {**config.model.llm, "initializer_range": 0.5}
     workdir = str(root / "run")
-    trainer = Trainer(config, workdir)
-    trainer.setup()
-    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
-                               trainer.config.to_dict(), force=True)
-    trainer.close()
+    save_step0_checkpoint(config, workdir)
     export_trained(workdir, str(root / "export"))
     images = [os.path.join(synthetic_dir, "images", "val", f"{i:06d}.png") for i in range(3)]
     return kind, workdir, str(root / "export"), images

@@ -53,3 +53,16 @@ def config_file(path: str, workdir: str, **train) -> str:
                 "def get_config():\n"
                 f"    return train_helpers.llm_train_config({workdir!r}, **{train!r})\n")
     return path
+
+
+def save_step0_checkpoint(config, workdir: str) -> str:
+    """Saves the freshly initialised train state of `config` as the trainer saves a step (step 0, data state
+    included), so `workdir` loads as a training workdir; returns workdir."""
+    from leo_jax.train.loop import Trainer
+
+    trainer = Trainer(config, workdir)
+    trainer.setup()
+    trainer.checkpointer.save(0, trainer.state, trainer.data_state(trainer.iterator.get_state()),
+                              trainer.config.to_dict(), force=True)
+    trainer.close()
+    return workdir
