@@ -2,8 +2,8 @@
 registered under the model name `leo_jax`.
 
     pip install '.[eval]'
-    python -m lmms_eval --model leo_jax --model_args pretrained=DIR[,batch_size=8,dtype=bfloat16,mesh=fsdp:8] \
-        --tasks TASKS --batch_size 1 --output_path OUT
+    python -m lmms_eval --model leo_jax --model_args pretrained=DIR[,dtype=bfloat16,mesh=fsdp:8] \
+        --tasks TASKS --batch_size 8 --output_path OUT
 
 DIR is anything `python -m leo_jax.eval --ckpt` takes: a training workdir or step directory, an import-hf
 checkpoint or an exported model directory (`leo_jax.infer.loading.load_any`). lmms-eval finds the model through

@@ -10,9 +10,10 @@ from leo_jax.eval.lmms import LmmsRequests
 
 
 class LeoJax(LmmsRequests, lmms):
-    """model_args: pretrained (any directory `leo_jax.infer.loading.load_any` takes, required), batch_size (requests
-    per call, default 1), dtype (cast the parameters, e.g. bfloat16), mesh (e.g. fsdp:8 or data:2/tensor:4; default
-    one device). lmms-eval's own `device` and `max_batch_size` are accepted and not used: JAX places the model."""
+    """model_args: pretrained (any directory `leo_jax.infer.loading.load_any` takes, required), dtype (cast the
+    parameters, e.g. bfloat16), mesh (e.g. fsdp:8 or data:2/tensor:4; default one device). The requests per
+    generation call come from lmms-eval's `--batch_size N` (lmms-eval passes it to the constructor, so it is not a
+    model_arg). lmms-eval's own `device` and `max_batch_size` are accepted and not used: JAX places the model."""
 
     is_simple = True
 
@@ -22,6 +23,9 @@ class LeoJax(LmmsRequests, lmms):
         from leo_jax.infer.loading import load_any
         from leo_jax.sharding import mesh_from_flag
 
+        if not str(batch_size).isdigit():
+            raise ValueError(f"the leo_jax model takes an integer --batch_size, got {batch_size!r} (lmms-eval's "
+                             "'auto' probes for CUDA memory, which a JAX model does not report)")
         lmms.__init__(self)
         model, config = load_any(pretrained, dtype=dtype, mesh=None if mesh is None else mesh_from_flag(mesh))
         LmmsRequests.__init__(self, InferenceEngine(model, config), batch_size=int(batch_size))
