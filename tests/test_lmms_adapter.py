@@ -1,6 +1,7 @@
 """The lmms-eval adapter's request handling (leo_jax.eval.lmms) through small stand-ins for lmms-eval's Instance
 objects: answers equal the engine's for the same prompts, `until` and `max_new_tokens` are honoured, batching does
-not change answers, loglikelihood equals the engine's scores and picks a multiple-choice answer. Runs without
+not change answers, loglikelihood is the loss -log P of the engine (lmms-eval picks the lowest), the local task
+writer (leo_jax.eval.lmms_task) scores as `python -m leo_jax.eval`. Runs without
 lmms-eval installed."""
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def test_loglikelihood_scores_and_multiple_choice(engine):
     requests = [FakeInstance((QUESTIONS[0], f" {c}", no_visual, 0, "toy", "test")) for c in choices]
     scores = adapter(engine, 2).loglikelihood(requests)
     expected = engine.loglikelihood([Request.single(QUESTIONS[0])] * 3, choices)
-    assert [s for s, _ in scores] == pytest.approx([s for s, _ in expected], abs=1e-4)
-    assert len({round(s, 3) for s, _ in scores}) == 3 and all(s < 0 for s, _ in scores)
+    # lmms-eval's convention: a loss (-log P), its multiple-choice scoring takes the argmin
+    assert [s for s, _ in scores] == pytest.approx([-s for s, _ in expected], abs=1e-4)
+    assert len({round(s, 3) for s, _ in scores}) == 3 and all(s > 0 for s, _ in scores)
+    assert min(range(3), key=lambda i: scores[i][0]) == max(range(3), key=lambda i: expected[i][0])
     # a doc_to_target callable gives the continuation from the document
     (by_target,) = adapter(engine, 1).loglikelihood([FakeInstance((QUESTIONS[0], lambda doc: "blue", no_visual, 0,
                                                                    "toy", "test"))])

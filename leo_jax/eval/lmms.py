@@ -15,8 +15,9 @@ Requests map to the engine as follows: the task's context (`doc_to_text`) is the
 (`doc_to_visual`, PIL images) the turn's images (one `<image>` line each, first, unless the context places them);
 the conversation template and image processing are the model's own. `generate_until` decodes greedily unless the
 task asks for a temperature, stops at the template's terminator or at the first of the task's `until` strings, and
-honours `max_new_tokens`. `loglikelihood` returns log P(continuation | prompt) and whether greedy decoding yields
-the continuation (multiple-choice tasks compare these per choice).
+honours `max_new_tokens`. `loglikelihood` returns, as lmms-eval's own models do, a loss: -log P(continuation |
+prompt) (summed over the continuation's tokens), and whether greedy decoding yields the continuation; lmms-eval's
+multiple-choice scoring picks the choice of lowest loss (argmin).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class LmmsRequests:
         return answers
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(log P(continuation | prompt), is greedy) per request (`Instance.args`: context, continuation or
+        """(-log P(continuation | prompt), is greedy) per request (`Instance.args`: context, continuation or
         doc_to_target, doc_to_visual, doc_id, task, split), `batch_size` at a time."""
         prepared, continuations = [], []
         for instance in requests:
@@ -115,7 +116,8 @@ class LmmsRequests:
             chunk = prepared[start:start + self.batch_size]
             texts = continuations[start:start + self.batch_size]
             fill = self.batch_size - len(chunk)  # same batch shape for every call (see generate_batched)
-            out += self.engine.loglikelihood(chunk + [chunk[-1]] * fill, texts + [texts[-1]] * fill)[:len(chunk)]
+            scored = self.engine.loglikelihood(chunk + [chunk[-1]] * fill, texts + [texts[-1]] * fill)[:len(chunk)]
+            out += [(-logprob, greedy) for logprob, greedy in scored]
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
