@@ -15,7 +15,7 @@ import pytest
 
 if importlib.util.find_spec("lmms_eval") is None:
     pytest.skip("lmms-eval is not installed in this environment (optional, not in requirements-test.txt); "
-                "build its venv with launch/lmms_eval_venv.sh to run this test", allow_module_level=True)
+                "build its venv as README 'Scoring with lmms-eval' shows to run this test", allow_module_level=True)
 
 from leo_jax.config import load_config
 from leo_jax.data import synthetic
