@@ -10,7 +10,7 @@ absolute image paths, references, metric, options) and OUT/TASK.yaml, a `generat
 through `datasets`' json builder from that file (named relative to the YAML, which lmms-eval resolves against the
 YAML's directory; nothing is downloaded). The YAML names the document functions below by module path
 (`!function leo_jax.eval.lmms_task.doc_to_text`, which lmms-eval imports), so OUT holds data only. The task's metric
-`score` is the mean of each record's `leo_jax.eval.metrics` score: the overall score of `python -m leo_jax.eval`.
+`score` is the mean of each record's `leo_jax.scoring` score: the overall score of `python -m leo_jax.eval`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import json
 import os
 import sys
 
-from leo_jax.eval import benchmark, metrics
+from leo_jax import scoring
+from leo_jax.eval import benchmark
 
 MODULE = "leo_jax.eval.lmms_task"  # this module's import path (the YAML names its functions; __name__ may be __main__)
 DEFAULT_TASK = "leo_bench"
@@ -56,11 +57,11 @@ def doc_to_target(doc: dict) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """{'score': the record's `leo_jax.eval.metrics` score of the model's answer (results[0])}."""
+    """{'score': the record's `leo_jax.scoring` score of the model's answer (results[0])}."""
     record = {"prediction": results[0], "answers": list(doc["answers"])}
     if doc[OPTIONS_KEY]:
         record["options"] = json.loads(doc[OPTIONS_KEY])
-    return {METRIC: metrics.score_record(record, [doc["metric"]])[doc["metric"]]}
+    return {METRIC: scoring.score_record(record, [doc["metric"]])[doc["metric"]]}
 
 
 def task_yaml(task: str, data_file: str, max_new_tokens: int) -> str:
