@@ -42,9 +42,10 @@ def topology_name(name: str) -> tuple[str, str]:
     return name, "megacore" if name.startswith(("v4", "v5p")) else "default"
 
 
-def batch_shapes(config, kind):
+def batch_shapes(config, kind, batch_shards: int = 1, grad_accum_steps: int = 1):
     """ShapeDtypeStructs of one global batch (the data contract) for the model's data-side kind
-    (leo_jax.data.visual) and the data config, without reading data."""
+    (leo_jax.data.visual) and the data config, without reading data; with a visual budget (data.visual_budget) its
+    `visual_index` for `batch_shards` device blocks of the batch axis and `grad_accum_steps` micro-batches."""
     import jax
     import numpy as np
 
@@ -60,6 +61,11 @@ def batch_shapes(config, kind):
         shapes[setup.mask_key.replace("_mask", "_segment_ids")] = ((b, k), np.int32)
         for key, (item, dtype) in setup.specs.items():
             shapes[key] = ((b, k, *item), dtype)
+        from leo_jax.data.pipeline import visual_budget_groups
+
+        groups, per_group = visual_budget_groups(kind.budget, b, 1, batch_shards, grad_accum_steps)
+        if per_group > 0:
+            shapes["visual_index"] = ((groups, per_group), np.int32)
     return {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in shapes.items()}
 
 
@@ -70,7 +76,7 @@ def compile_train_step(config, devices):
 
     from leo_jax.data import visual
     from leo_jax.models.registry import build_model, model_config
-    from leo_jax.sharding import build_mesh
+    from leo_jax.sharding import batch_shards, build_mesh
     from leo_jax.train.config import TrainConfig
     from leo_jax.train.optimizer import TrainableFilter, check_patterns, count_params, make_optimizer
     from leo_jax.train.state import abstract_train_state, with_shardings
@@ -86,7 +92,8 @@ def compile_train_step(config, devices):
     check_patterns(nnx.eval_shape(lambda: build(nnx.Rngs(0))), train)
     mesh = build_mesh(config.mesh, devices=devices)
     graphdef, abstract, shardings = abstract_train_state(build, filt, tx, int(config.seed), mesh)
-    batch = batch_shapes(config, visual.for_model(model_config(config.model), config.data))
+    batch = batch_shapes(config, visual.for_model(model_config(config.model), config.data), batch_shards(mesh),
+                         train.grad_accum_steps)
     step = make_train_step(graphdef, tx, schedule, grad_accum_steps=train.grad_accum_steps,
                            balance_loss_weight=train.balance_loss_weight)
     jitted = jit_train_step(step, shardings, batch, mesh)

@@ -181,6 +181,13 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """The number of blocks the batch axis splits into on `mesh` (the devices that hold different rows)."""
+    spec = logical_to_spec(("batch",))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[name] for name in names)
+
+
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch-leading arrays: dim 0 over the batch axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))

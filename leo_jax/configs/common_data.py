@@ -63,6 +63,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.skip_window = 1000
     c.max_window_skip_fraction = 0.1
 
+    # Visual budget: tiles (LEO) / images (LEO-MINI) the encoders run on per global batch, instead of every slot
+    # (rows x slots per row; a text-only row's empty slots are skipped). -1 = every slot. The rows split into one
+    # group per device block of the batch axis and micro-batch, each with an equal share, so each device encodes
+    # its own rows' items; a training sample that would overflow its group's share is skipped and counted
+    # (over_visual_budget) without packing, or waits for the next batch with packing. Default -1: the recipes'
+    # pod meshes hold 1-2 rows per device, where a share below the slots of one full row (7 tiles for a 6-tile
+    # image) would skip most image samples of LLaVA-style data (~94% image rows, most of them 6 tiles + thumbnail);
+    # set it when a device holds several rows (e.g. 0.95 x rows x slots).
+    c.visual_budget = -1
+
     # --- LEO: adaptive tiling, InternViT + SAM per tile (the official LEO code) -----------------------------------
     c.leo = ml_collections.ConfigDict()
     # SAM host input px: each tile resized to this (longest side) and padded square. 0 = the tile size, enlarged to

@@ -34,6 +34,12 @@ class BatchLayout:
     max_segments: samples per row (1 = no packing). seq_buckets: optional sorted padded lengths; a batch is padded
     to the smallest bucket >= its longest row (all rows of a batch share one bucket), which bounds the number of
     compiled shapes to len(seq_buckets).
+    group_budget: visual items each group of rows may hold (-1: no budget, no ``visual_index``). With a budget the
+    rows split into ``budget_groups`` groups, one per device block of the batch axis and micro-batch (see
+    :meth:`group_of`), and the batch carries ``visual_index`` [groups, group_budget]: each group's real items as
+    flat slots (row within the group * K + slot), -1 for unused entries, so the model runs its encoders on those
+    items only and every device gathers from its own rows.
+    budget_accum: the micro-batches (train.grad_accum_steps) each step splits its rows into.
     """
 
     batch_size: int
@@ -44,10 +50,17 @@ class BatchLayout:
     pad_id: int
     max_segments: int = 1
     seq_buckets: tuple[int, ...] = ()
+    group_budget: int = -1
+    budget_groups: int = 1
+    budget_accum: int = 1
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2 or self.max_segments < 1 or self.visual_capacity < 0:
             raise ValueError(f"invalid batch layout {self}")
+        if self.group_budget != -1 and (self.group_budget < 1 or self.batch_size % self.budget_groups
+                                        or self.budget_groups % self.budget_accum):
+            raise ValueError(f"invalid visual budget in batch layout {self}: group_budget must be -1 or positive, "
+                             "budget_groups must divide the rows and be a multiple of budget_accum")
         buckets = list(self.seq_buckets)
         if buckets and (buckets != sorted(set(buckets)) or buckets[-1] != self.seq_len):
             raise ValueError(
@@ -58,6 +71,19 @@ class BatchLayout:
     def visual_segment_key(self) -> str:
         """'tile_segment_ids' / 'image_segment_ids': the segment (sample) owning each visual slot, 0 if empty."""
         return self.visual_mask_key.replace("_mask", "_segment_ids")
+
+    @property
+    def budgeted(self) -> bool:
+        return self.group_budget > 0
+
+    def group_of(self, row: int) -> tuple[int, int]:
+        """(group, row within the group) of a batch row. Device block d (rows d*R .. d*R+R-1, R = rows per device)
+        holds groups d*A .. d*A+A-1 (A = budget_accum); row r goes to group d*A + r % A at position (r % R) // A,
+        which is where the train step's micro-batch r % A (rows i, i+A, ...) puts it: after splitting, every
+        micro-batch's groups are contiguous blocks of its rows, one per device."""
+        rows_per_device = self.batch_size * self.budget_accum // self.budget_groups
+        device, within = divmod(row, rows_per_device)
+        return device * self.budget_accum + row % self.budget_accum, within // self.budget_accum
 
     def padded_length(self, longest_row: int) -> int:
         """The length a batch whose longest row has ``longest_row`` tokens is padded to."""
@@ -98,6 +124,9 @@ class BatchLayout:
         }
         for key, (item_shape, dtype) in self.visual_specs.items():
             batch[key] = np.zeros((self.batch_size, self.visual_capacity, *item_shape), dtype)
+        if self.budgeted:
+            batch["visual_index"] = np.full((self.budget_groups, self.group_budget), -1, np.int32)
+            group_items = [0] * self.budget_groups
         for r, row in enumerate(rows):
             if lengths[r] > self.seq_len or len(row) > self.max_segments:
                 raise ValueError(f"row {r} holds {lengths[r]} tokens in {len(row)} samples; layout {self}")
@@ -121,6 +150,15 @@ class BatchLayout:
                 batch[self.visual_segment_key][r, item_offset : item_offset + items] = segment + 1
                 token_offset += n
                 item_offset += items
+            if self.budgeted and item_offset:
+                group, within = self.group_of(r)
+                start = group_items[group]
+                if start + item_offset > self.group_budget:
+                    raise ValueError(f"row {r}: its {item_offset} visual items overflow group {group}'s budget of "
+                                     f"{self.group_budget} (data.visual_budget); layout {self}")
+                slots = within * self.visual_capacity + np.arange(item_offset)
+                batch["visual_index"][group, start : start + item_offset] = slots
+                group_items[group] = start + item_offset
         return batch
 
 
@@ -135,8 +173,9 @@ def num_visual_items(sample: Sample, visual_specs: Mapping[str, Any]) -> int:
 class FirstFitBatch:
     """Accumulates samples into the rows of one batch, first fit: each sample goes to the first row with room.
 
-    Room means: tokens + the sample's length <= seq_len, visual items + its items <= visual_capacity, and fewer
-    than max_segments samples. With max_segments=1 this is plain batching.
+    Room means: tokens + the sample's length <= seq_len, visual items + its items <= visual_capacity, the row's
+    group keeps within the layout's visual budget, and fewer than max_segments samples. With max_segments=1 this is
+    plain batching; a sample that no row has room for starts the next batch.
     """
 
     def __init__(self, layout: BatchLayout):
@@ -144,12 +183,15 @@ class FirstFitBatch:
         self.rows: list[list[Sample]] = [[] for _ in range(layout.batch_size)]
         self._tokens = [0] * layout.batch_size
         self._items = [0] * layout.batch_size
+        self._group_items = [0] * layout.budget_groups
 
     def fits_alone(self, sample: Sample) -> bool:
         """Whether the sample fits an empty row at all (else it can never be batched)."""
         return (
             len(sample["input_ids"]) <= self.layout.seq_len
             and num_visual_items(sample, self.layout.visual_specs) <= self.layout.visual_capacity
+            and (not self.layout.budgeted
+                 or num_visual_items(sample, self.layout.visual_specs) <= self.layout.group_budget)
         )
 
     def add(self, sample: Sample) -> bool:
@@ -161,12 +203,21 @@ class FirstFitBatch:
                 len(row) < self.layout.max_segments
                 and self._tokens[r] + n_tokens <= self.layout.seq_len
                 and self._items[r] + n_items <= self.layout.visual_capacity
+                and self.group_room(r) >= n_items
             ):
                 row.append(sample)
                 self._tokens[r] += n_tokens
                 self._items[r] += n_items
+                if self.layout.budgeted:
+                    self._group_items[self.layout.group_of(r)[0]] += n_items
                 return True
         return False
+
+    def group_room(self, row: int) -> int | float:
+        """Visual items the budget still lets row `row`'s group take (unbounded without a budget)."""
+        if not self.layout.budgeted:
+            return float("inf")
+        return self.layout.group_budget - self._group_items[self.layout.group_of(row)[0]]
 
     @property
     def is_full(self) -> bool:

@@ -53,6 +53,7 @@ IMAGE_TAG_MISMATCH = "image_tag_mismatch"
 TOO_LONG = "too_long"
 TOO_MANY_IMAGES = "too_many_images"
 NO_SUPERVISED_TOKENS = "no_supervised_tokens"
+OVER_VISUAL_BUDGET = "over_visual_budget"
 BAD_CONVERSATION = "bad_conversation"
 
 IMAGE_TAG = templates.IMAGE_PLACEHOLDER
@@ -291,8 +292,11 @@ class PackedBatchIterator(grain.DatasetIterator):
     """Iterator of :class:`PackedBatchDataset`; ``skip_stats`` exposes the counters for logging.
 
     fixed_rows (training without packing): each batch takes exactly ``batch_size`` stream elements and a skipped
-    one leaves its row empty, so row r of batch b is always stream element b*batch_size + r. Otherwise samples fill
-    rows first-fit (one per row without packing) and skipped ones are dropped.
+    one leaves its row empty, so row r of batch b is always stream element b*batch_size + r; a sample whose tiles /
+    images would overflow its row group's visual budget (data.visual_budget) is skipped too, counted and logged as
+    over_visual_budget (a budget sized for the data makes this rare; the skip limits stop a run whose budget is too
+    small). Otherwise samples fill rows first-fit (one per row without packing) and skipped ones are dropped; a
+    sample over the budget waits for the next batch.
 
     State: the sample stream's state *before* the first sample not yet in an emitted batch (a sample that did not
     fit the previous batch is re-read on resume), the skip counters at that point and the number of batches emitted
@@ -337,6 +341,7 @@ class PackedBatchIterator(grain.DatasetIterator):
 
     def _next_fixed_rows(self) -> dict[str, np.ndarray]:
         rows: list[list[dict[str, Any]]] = []
+        group_items = collections.Counter()
         while len(rows) < self.layout.batch_size:
             try:
                 element = next(self._parent)
@@ -344,6 +349,16 @@ class PackedBatchIterator(grain.DatasetIterator):
                 if rows or self._batches_emitted < self.min_batches:
                     break
                 raise
+            if SKIP_KEY not in element and self.layout.budgeted:
+                group = self.layout.group_of(len(rows))[0]
+                items = packing.num_visual_items(element, self.layout.visual_specs)
+                if group_items[group] + items > self.layout.group_budget:
+                    element = _skip(OVER_VISUAL_BUDGET, f"sample {element['sample_index']}",
+                                    f"{items} visual item(s) with {group_items[group]} already in its group of rows: "
+                                    f"over the group's budget of {self.layout.group_budget} (data.visual_budget / "
+                                    f"{self.layout.budget_groups} groups per process); raise data.visual_budget")
+                else:
+                    group_items[group] += items
             if SKIP_KEY in element:
                 self.skip_stats.record_skip(element[SKIP_KEY], element["origin"], element["detail"])
                 rows.append([])
@@ -481,10 +496,32 @@ class _AttachSourceIndex:
         return index % self.num_records, record
 
 
-def batch_layout(data_config, kind: VisualKind, batch_size: int, packed: bool) -> packing.BatchLayout:
-    """The static batch shape for ``kind`` from the data config."""
+def visual_budget_groups(budget: int, global_batch: int, process_count: int, batch_shards: int,
+                         grad_accum_steps: int) -> tuple[int, int]:
+    """(groups of rows per process, visual items per group) for a global `budget` of visual items per step: one
+    group per device block of the batch axis (`batch_shards` blocks) and micro-batch, so the model gathers each
+    device's items from its own rows; (1, -1) without a budget (-1)."""
+    if budget == -1:
+        return 1, -1
+    groups = batch_shards * grad_accum_steps
+    if batch_shards % process_count or global_batch % groups:
+        raise ValueError(f"data.visual_budget={budget}: the {global_batch} rows of a step split into {batch_shards} "
+                         f"device blocks x {grad_accum_steps} micro-batches over {process_count} process(es); these "
+                         "must divide evenly (or set data.visual_budget=-1: every slot)")
+    if budget % groups:
+        raise ValueError(f"data.visual_budget={budget} must be a multiple of the {groups} row groups of a step "
+                         f"({batch_shards} device blocks of the batch axis x {grad_accum_steps} micro-batches), e.g. "
+                         f"{max(budget // groups, 1) * groups}, or -1 (every slot)")
+    return groups // process_count, budget // groups
+
+
+def batch_layout(data_config, kind: VisualKind, batch_size: int, packed: bool,
+                 budget_groups: tuple[int, int, int] = (1, -1, 1)) -> packing.BatchLayout:
+    """The static batch shape for ``kind`` from the data config; `budget_groups` = (groups of rows, visual items
+    per group, micro-batches) of a visual budget (`visual_budget_groups`), by default none."""
     tokenizer = prepare_tokenizer(data_config)
     setup = kind.setup(kind.preprocessors())
+    groups, group_budget, accum = budget_groups
     return packing.BatchLayout(
         batch_size=batch_size,
         seq_len=int(data_config.seq_len),
@@ -494,12 +531,15 @@ def batch_layout(data_config, kind: VisualKind, batch_size: int, packed: bool) -
         pad_id=int(tokenizer.pad_id),
         max_segments=int(data_config.max_samples_per_row) if packed else 1,
         seq_buckets=tuple(data_config.seq_buckets),
+        group_budget=group_budget if setup.capacity else -1,
+        budget_groups=groups,
+        budget_accum=accum,
     )
 
 
 def make_train_iterator(
     data_config, kind: VisualKind, *, process_index: int | None = None, process_count: int | None = None,
-    start_batch: int = 0,
+    start_batch: int = 0, batch_shards: int = 1, grad_accum_steps: int = 1,
 ) -> PackedBatchIterator:
     """Training batches for this process: shuffled by ``seed``, augmented, optionally packed, resumable.
 
@@ -508,6 +548,10 @@ def make_train_iterator(
     count; without packing, ``start_batch=b`` starts at global batch b on any process count. With a finite
     ``num_epochs`` and no packing every process yields the same number of batches (empty ones where it holds no
     row of the last global batch).
+
+    With a visual budget (the kind's `budget`, from data.visual_budget) the batches carry ``visual_index`` for
+    `batch_shards` device blocks of the batch axis (the mesh's, `leo_jax.sharding.batch_shards`) and
+    `grad_accum_steps` micro-batches (see ``packing.BatchLayout``).
     """
     process_index, process_count = _process_info(process_index, process_count)
     if start_batch and data_config.packing:
@@ -515,8 +559,11 @@ def make_train_iterator(
                          "packed run resumes from its saved per-process iterator state only")
     stream, _, num_batches = _sample_stream(data_config, data_config.train_files, data_config.image_root, kind, True,
                                             process_index, process_count, start_batch)
+    groups = visual_budget_groups(kind.budget, int(data_config.global_batch_size), process_count, batch_shards,
+                                  grad_accum_steps)
     layout = batch_layout(
-        data_config, kind, _local_batch_size(data_config.global_batch_size, process_count), data_config.packing
+        data_config, kind, _local_batch_size(data_config.global_batch_size, process_count), data_config.packing,
+        (*groups, grad_accum_steps),
     )
     min_batches = 0 if data_config.packing or num_batches is None else num_batches
     return PackedBatchIterator(iter(stream), layout, _skip_stats(data_config), min_batches, start_batch,

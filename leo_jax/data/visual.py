@@ -37,6 +37,7 @@ class TextOnly:
 
     name = "text-only LLM"
     mask_key = "image_mask"
+    budget = -1  # no encoders to budget
     slots: int = 0
     max_images: int | None = 0  # images per sample; None = no limit
 
@@ -68,6 +69,16 @@ class TextOnly:
         return self
 
 
+def visual_budget(data_config) -> int:
+    """`data.visual_budget`: visual items (LEO tiles, LEO-MINI images) the encoders run on per global batch; -1 =
+    every slot (B x K)."""
+    budget = int(data_config.get("visual_budget", -1))
+    if budget != -1 and budget < 1:
+        raise ValueError(f"data.visual_budget={budget}: use -1 (every slot of the batch) or a positive number of "
+                         "tiles (LEO) / images (LEO-MINI) per global batch")
+    return budget
+
+
 def tiles_per_row(leo) -> int:
     """LEO's tile slots per row (`data.leo`): `max_tiles_per_row`, or (-1) the most tiles a sample of up to
     `max_images_per_sample` images yields under the official split (max_tiles // n per image, + thumbnails); an
@@ -97,6 +108,7 @@ class LeoTiles:
     use_thumbnail: bool = True
     jpeg_augment: bool = False
     jpeg_quality_range: tuple[int, int] = (75, 100)
+    budget: int = -1  # tiles InternViT + SAM run on per global batch (data.visual_budget); -1 = every slot
 
     name = "LEO"
     mask_key = "tile_mask"
@@ -125,7 +137,7 @@ class LeoTiles:
         return cls(tile_size=tile_size, tokens_per_tile=tokens_per_tile, sam_size=int(leo.sam_size) or tile_size,
                    slots=tiles_per_row(leo), min_tiles=int(leo.min_tiles), max_tiles=int(leo.max_tiles),
                    use_thumbnail=bool(leo.use_thumbnail), jpeg_augment=bool(leo.jpeg_augment),
-                   jpeg_quality_range=tuple(leo.jpeg_quality_range))
+                   jpeg_quality_range=tuple(leo.jpeg_quality_range), budget=visual_budget(data_config))
 
     @staticmethod
     def input_preprocessors(cfg: LeoConfig) -> dict[str, Any]:
@@ -181,6 +193,7 @@ class LeoMiniExperts:
     experts: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]  # (name, preprocessor options incl. 'kind')
     tokens_per_image: int
     slots: int
+    budget: int = -1  # images the experts, CoTR and the projector run on per global batch; -1 = every slot
 
     name = "LEO-MINI"
     mask_key = "image_mask"
@@ -206,7 +219,7 @@ class LeoMiniExperts:
         of `data.leo_mini`."""
         experts = tuple((name, tuple(dict(options).items())) for name, options in processors.items())
         return cls(experts=experts, tokens_per_image=tokens_per_image,
-                   slots=int(data_config.leo_mini.max_images_per_row))
+                   slots=int(data_config.leo_mini.max_images_per_row), budget=visual_budget(data_config))
 
     @staticmethod
     def input_preprocessors(cfg: LeoMiniConfig) -> dict[str, Any]:

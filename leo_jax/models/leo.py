@@ -3,7 +3,8 @@ tokens interleaved per tile (InternViT at even positions), tiles in crop order w
 the LLM's embeddings at the <IMG_CONTEXT> positions.
 
 Shapes are static: a fixed number K of tile slots per batch row with `tile_mask`, so one compiled step serves every
-batch, text-only ones included.
+batch, text-only ones included. With a visual budget the batch also carries `visual_index` (the data pipeline's list
+of the real tiles, a fixed count per step): the encoders then run on those tiles only, not on the empty slots.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from leo_jax.models.projector import (
 )
 from leo_jax.models.vision.intern_vit import InternViT, InternViTConfig
 from leo_jax.models.vision.sam import SamVisionConfig, SamVisionEncoder
-from leo_jax.models.visual_tokens import check_context_tokens, scatter_visual_tokens
+from leo_jax.models.visual_tokens import check_context_tokens, gather_slots, scatter_slots, scatter_visual_tokens
+from leo_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +128,15 @@ class Leo(nnx.Module):
         ids = batch["input_ids"]
         tiles, sam_tiles, tile_mask = batch["tiles"], batch["sam_tiles"], batch["tile_mask"]
         b, k = tile_mask.shape
-        tokens = self.tile_tokens(tiles.reshape(b * k, *tiles.shape[2:]),
-                                  sam_tiles.reshape(b * k, *sam_tiles.shape[2:]), None if deterministic else rng)
+        rng = None if deterministic else rng
+        if "visual_index" in batch:  # the budget's tiles only; empty slots get zeros (no context position reads them)
+            index = batch["visual_index"]
+            tokens = self.tile_tokens(constrain(gather_slots(tiles, index), ("batch", None, None, None)),
+                                      constrain(gather_slots(sam_tiles, index), ("batch", None, None, None)), rng)
+            tokens = scatter_slots(tokens, index, b, k).reshape(b * k, *tokens.shape[1:])
+        else:
+            tokens = self.tile_tokens(tiles.reshape(b * k, *tiles.shape[2:]),
+                                      sam_tiles.reshape(b * k, *sam_tiles.shape[2:]), rng)
         per_tile = tokens.shape[1]
         visual = tokens.reshape(b, k * per_tile, tokens.shape[-1])
         context = ids == self.cfg.image_context_id

@@ -35,7 +35,14 @@ from leo_jax.models.llm.decoder import CausalLM, DecoderOutput, LLMConfig
 from leo_jax.models.mmoe import RoutingContext
 from leo_jax.models.projector import MLPProjector, ProjectorConfig, ProjectorOptions
 from leo_jax.models.registry import model_classes
-from leo_jax.models.visual_tokens import check_context_tokens, per_token_context, scatter_visual_tokens
+from leo_jax.models.visual_tokens import (
+    check_context_tokens,
+    gather_slots,
+    per_token_context,
+    scatter_slots,
+    scatter_visual_tokens,
+)
+from leo_jax.sharding import constrain
 
 # How each encoder kind's output becomes tokens: a leading CLS token to drop, or a NHWC feature map to resize.
 ENCODER_OUTPUTS = {
@@ -270,12 +277,20 @@ class LeoMini(nnx.Module):
 
     def visual_tokens(self, batch: Mapping[str, jax.Array], text: jax.Array, text_mask: jax.Array) -> jax.Array:
         """Per image: experts -> CoTR (conditioned on the pooled prompt of its sample) -> projector.
-        Returns [B, M, N^V, d_llm]; `text` [B, M, 1, d] pooled prompts with `text_mask` [B, M, 1]."""
+        Returns [B, M, N^V, d_llm]; `text` [B, M, 1, d] pooled prompts with `text_mask` [B, M, 1]. With
+        `visual_index` in the batch (a visual budget) only the listed images run; the other slots get zeros."""
         b, m = batch["image_mask"].shape
-        features, masks = self._expert_features(batch)
-        reduced = self.cotr(features, text.reshape(b * m, 1, -1), feature_masks=masks,
-                            text_mask=text_mask.reshape(b * m, 1))
-        return self.projector(reduced).reshape(b, m, reduced.shape[1], -1)
+        index = batch.get("visual_index")
+        features, masks = self._expert_features(batch, index)
+        if index is None:
+            text, text_mask = text.reshape(b * m, 1, -1), text_mask.reshape(b * m, 1)
+        else:
+            text, text_mask = gather_slots(text, index), gather_slots(text_mask, index)
+        reduced = self.cotr(features, text, feature_masks=masks, text_mask=text_mask)
+        tokens = self.projector(reduced)
+        if index is None:
+            return tokens.reshape(b, m, *tokens.shape[1:])
+        return scatter_slots(tokens, index, b, m)
 
     def cotr_attention(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """CoTR's attention weights for a model batch, per expert name: [B, M, N^V, N_i] (fp32), row q = what
@@ -288,15 +303,25 @@ class LeoMini(nnx.Module):
                                       text_mask=has_text.reshape(b * m, 1))
         return {spec.name: w.reshape(b, m, *w.shape[1:]) for spec, w in zip(self.specs, weights)}
 
-    def _expert_features(self, batch: Mapping[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-        """Every expert's tokens [B*M, N_i, d_i] and token masks [B*M, N_i] (False for empty image slots)."""
+    def _expert_features(self, batch: Mapping[str, jax.Array],
+                         index: jax.Array | None = None) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Every expert's tokens [I, N_i, d_i] and token masks [I, N_i] (False for empty image slots): the I = B*M
+        image slots, or the G*n entries of a visual budget's `index` [G, n] (unused entries masked)."""
         features, masks = [], []
         b, m = batch["image_mask"].shape
+
+        def items(x):
+            if index is None:
+                return x.reshape(b * m, *x.shape[2:])
+            return constrain(gather_slots(x, index), ("batch",) + (None,) * (x.ndim - 2))
+
+        valid = items(batch["image_mask"])
+        if index is not None:
+            valid = valid & (index.reshape(-1) >= 0)
         for spec, (n_tokens, _) in zip(self.specs, self.cfg.expert_shapes):
-            x = batch[spec.batch_key]
-            x = expert_pixels(spec, x.reshape(b * m, *x.shape[2:]))
+            x = expert_pixels(spec, items(batch[spec.batch_key]))
             if spec.kind in PATCH_INPUT_KINDS:
-                patch_mask = batch[f"patch_mask_{spec.name}"].reshape(b * m, -1)
+                patch_mask = items(batch[f"patch_mask_{spec.name}"])
                 tokens, mask = expert_tokens(spec, self.experts[spec.name], x, patch_mask)
             else:
                 tokens, mask = expert_tokens(spec, self.experts[spec.name], x)
@@ -306,7 +331,7 @@ class LeoMini(nnx.Module):
                                  f"processor's output size equal config.model.experts.{spec.name}.encoder.image_size "
                                  "or set the expert's grid")
             features.append(tokens)
-            masks.append(mask & batch["image_mask"].reshape(b * m, 1))
+            masks.append(mask & valid[:, None])
         return features, masks
 
     def conditioning(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:

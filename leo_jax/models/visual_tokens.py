@@ -46,3 +46,28 @@ def per_token_context(values: jax.Array, value_segments: jax.Array, token_segmen
     weights = same.astype(jnp.float32)
     total = jnp.einsum("btv,bvd->btd", weights, values.astype(jnp.float32))
     return total / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+
+
+def gather_slots(slots: jax.Array, index: jax.Array) -> jax.Array:
+    """The items of a visual budget: `slots` [B, K, ...] (B rows in G contiguous groups) at `index` [G, n] (flat
+    slot within the group, row * K + slot; -1 = unused, which reads the group's first slot) -> [G * n, ...].
+
+    Each group gathers from its own rows only, so with the groups on the devices that hold those rows (the data
+    pipeline's layout) the gather needs no communication."""
+    groups, n = index.shape
+    b, k = slots.shape[:2]
+    grouped = slots.reshape(groups, (b // groups) * k, *slots.shape[2:])
+    taken = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))(grouped, jnp.maximum(index, 0))
+    return taken.reshape(groups * n, *slots.shape[2:])
+
+
+def scatter_slots(items: jax.Array, index: jax.Array, rows: int, slots: int) -> jax.Array:
+    """Inverse of `gather_slots`: `items` [G * n, ...] back to [rows, slots, ...]; slots not in `index` are zero and
+    unused entries (-1) are dropped."""
+    groups, n = index.shape
+    per_group = (rows // groups) * slots
+    items = items.reshape(groups, n, *items.shape[1:])
+    target = jnp.where(index < 0, per_group, index)  # out of range: dropped
+    zeros = jnp.zeros((groups, per_group, *items.shape[2:]), items.dtype)
+    placed = jax.vmap(lambda z, i, v: z.at[i].set(v, mode="drop"))(zeros, target, items)
+    return placed.reshape(rows, slots, *items.shape[2:])

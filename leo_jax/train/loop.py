@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from leo_jax.data import pipeline, preflight, sources, templates, visual
 from leo_jax.models.registry import build_model, model_config
-from leo_jax.sharding import build_mesh
+from leo_jax.sharding import batch_shards, build_mesh
 from leo_jax.train import distributed
 from leo_jax.train import metrics as metrics_lib
 from leo_jax.train.checkpoint import Checkpointer
@@ -182,7 +182,7 @@ class Trainer:
         data = self.config.data
         logger.info("data: training on %s; evaluating on %s", data.train_files,
                     data.eval_files or "the training files")
-        self.iterator = pipeline.make_train_iterator(data, self.kind)
+        self.iterator = pipeline.make_train_iterator(data, self.kind, **self._budget_layout())
         steps = self.checkpointer.all_steps()
         resume_step = self.train_cfg.resume_step
         if resume_step >= 0:
@@ -224,6 +224,11 @@ class Trainer:
                                            grad_accum_steps=self.train_cfg.grad_accum_steps,
                                            balance_loss_weight=self.train_cfg.balance_loss_weight)
 
+    def _budget_layout(self) -> dict[str, int]:
+        """How a visual budget's row groups follow the step: one per device block of the batch axis and
+        micro-batch."""
+        return {"batch_shards": batch_shards(self.mesh), "grad_accum_steps": self.train_cfg.grad_accum_steps}
+
     def data_state(self, position: dict) -> dict:
         """The data position of all processes as one record (process 0 writes it): `position` is this process's
         iterator state; `batches` the number of global batches consumed."""
@@ -244,7 +249,8 @@ class Trainer:
                              "count, so resume on the same number of processes (or train without packing)")
         logger.info("resuming the data of %d process(es) on %d at global batch %d", saved["process_count"], count,
                     saved["batches"])
-        self.iterator = pipeline.make_train_iterator(self.config.data, self.kind, start_batch=int(saved["batches"]))
+        self.iterator = pipeline.make_train_iterator(self.config.data, self.kind, start_batch=int(saved["batches"]),
+                                                     **self._budget_layout())
         if me == 0:
             skips = [p["skips"] for p in saved["processes"]]
             merged = collections.Counter()
