@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from leo_jax.aot import batch_shapes
 from leo_jax.config import load_config
 from leo_jax.data import packing, pipeline, synthetic, visual
 from leo_jax.models import leo, leo_mini
 from leo_jax.models.registry import build_model
 from leo_jax.models.visual_tokens import gather_slots, scatter_slots
-from leo_jax.train.step import micro_batches
+from leo_jax.sharding import build_mesh
+from leo_jax.train.config import TrainConfig
+from leo_jax.train.optimizer import TrainableFilter, make_optimizer
+from leo_jax.train.state import create_train_state
+from leo_jax.train.step import device_batch, jit_train_step, make_train_step, micro_batches
 from sharding_utils import MESHES, assert_sharded_matches
 
 PRESETS = ("tiny_leo", "tiny_leo_mini")
@@ -183,3 +188,36 @@ def test_over_budget_samples_wait_for_the_next_batch_with_packing(synthetic_dir)
 def test_bad_budgets_are_clear_errors(synthetic_dir, budget, shards, match):
     with pytest.raises(ValueError, match=match):
         _batch(_config("tiny_leo", synthetic_dir, budget=budget), batch_shards=shards)
+
+
+def test_abstract_batch_has_the_pipeline_index(synthetic_dir):
+    """The AOT compile's batch shapes carry the same `visual_index` as the pipeline's batches (4 device blocks x 2
+    micro-batches)."""
+    config = _config("tiny_leo_mini", synthetic_dir, budget=8)
+    kind = visual.for_config(config)
+    _, batch = _batch(config, batch_shards=4, grad_accum_steps=2)
+    abstract = batch_shapes(config, kind, batch_shards=4, grad_accum_steps=2)
+    assert abstract["visual_index"].shape == batch["visual_index"].shape == (8, 1)
+    batch.pop("sample_index")
+    assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
+def test_train_step_compiles_once_with_the_budget(synthetic_dir):
+    """Batches with their real tiles in different slots share one compiled step (the index has a fixed size)."""
+    config = _config("tiny_leo_train", synthetic_dir, budget=8)
+    iterator, first = _batch(config)
+    second = next(iterator)
+    assert not np.array_equal(first["visual_index"], second["visual_index"])
+    train = TrainConfig.from_config(config.train)
+    tx, schedule = make_optimizer(train, 10)
+    mesh = build_mesh({"ici": {"data": 1}}, devices=jax.devices()[:1])
+    graphdef, state, shardings = create_train_state(lambda rngs: build_model(config.model, rngs),
+                                                    TrainableFilter(train.trainable, train.frozen), tx, 0, mesh)
+    batches = [{k: jnp.asarray(v) for k, v in device_batch(b).items()} for b in (first, second)]
+    step = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1, balance_loss_weight=0.0),
+                          shardings, batches[0], mesh)
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, metrics = step(state, batch)
+            assert np.isfinite(float(metrics["loss"])) and int(metrics["visual_token_mismatch"]) == 0
+    assert step._cache_size() == 1
