@@ -48,17 +48,15 @@ def test_two_wide_images_get_their_tiles_in_a_derived_row(tmp_path):
         _iterator("eval", config, "leo")
 
 
-@pytest.mark.parametrize("preset, kind", [("tiny_leo", "leo"), ("tiny_leo_mini", "leo_mini")])
+@pytest.mark.parametrize("preset, kind", [("tiny_leo_train", "leo"), ("tiny_leo_mini_train", "leo_mini")])
 def test_synthetic_two_image_questions_train_in_the_tiny_presets(tmp_path, preset, kind):
     synthetic.write_dataset(str(tmp_path), 8, seed=0, val_num=1, multi_turn_fraction=0.0, multi_image_fraction=0.5,
                             text_only_fraction=0.0)
     records = json.loads((tmp_path / "data.json").read_text())
     two = [i for i, r in enumerate(records) if isinstance(r.get("image"), list) and len(r["image"]) == 2]
     assert len(two) >= 4 and len(records) <= 16
-    config = load_config(preset)
+    config = load_config(preset)  # the train presets as they are: two images per row / sample
     config.data.update(train_files=str(tmp_path / "data.json"), global_batch_size=16, shuffle=False, num_epochs=1)
-    if kind == "leo_mini":
-        config.data.leo_mini.max_images_per_row = 2
     data_kind = visual.for_config(config)
     iterator = pipeline.make_train_iterator(config.data, data_kind, process_index=0, process_count=1)
     batch = next(iterator)

@@ -98,15 +98,38 @@ def test_objects_do_not_overlap_and_stay_inside(train_records):
 
 def test_answers_are_balanced_per_type(train_records, val_records):
     for records in (train_records, val_records):
-        evaluated = [r for r in records if r["question_type"] in synthetic.QUESTION_TYPES]
-        per_type = collections.Counter(r["question_type"] for r in evaluated)
+        one_image = [r for r in records if r["question_type"] in synthetic.QUESTION_TYPES]
+        per_type = collections.Counter(r["question_type"] for r in one_image)
         assert max(per_type.values()) - min(per_type.values()) <= 1
         for question_type, answers in synthetic.ANSWERS.items():
-            counts = collections.Counter(r["conversations"][-1]["value"] for r in evaluated
+            counts = collections.Counter(r["conversations"][-1]["value"] for r in records
                                          if r["question_type"] == question_type)
+            if question_type == synthetic.MULTI_IMAGE and records is val_records:
+                assert not counts  # the split was generated without two-image questions
+                continue
             assert set(counts) == set(answers)
             assert max(counts.values()) - min(counts.values()) <= 1, (question_type, counts)
     assert {r["question_type"] for r in val_records} == set(synthetic.QUESTION_TYPES)  # val: evaluated types only
+
+
+def test_two_image_questions_are_an_evaluated_share_of_validation(tmp_path):
+    """With two-image questions in training, the validation set holds them as a sixth type, answers balanced (the
+    majority baseline is 0.5), in the benchmark file and the chance table; without them it holds none."""
+    info = synthetic.write_dataset(str(tmp_path / "with"), 12, 0, val_num=60, image_size=32,
+                                   multi_image_fraction=0.25)
+    val = json.loads((tmp_path / "with" / "val.json").read_text())
+    two = [r for r in val if r["question_type"] == synthetic.MULTI_IMAGE]
+    assert len(two) == 10 and {r["question_type"] for r in val} == set(synthetic.EVALUATED_TYPES)
+    assert collections.Counter(r["conversations"][1]["value"] for r in two) == {"first": 5, "second": 5}
+    for record in two:
+        assert len(record["image"]) == 2 and solve(record["conversations"][0]["value"], record["scenes"]) == \
+            record["conversations"][1]["value"]
+    assert info["chance_val"][synthetic.MULTI_IMAGE]["majority_accuracy"] == 0.5
+    benchmark = [json.loads(line) for line in (tmp_path / "with" / "val.jsonl").read_text().splitlines()]
+    assert sum(r["question_type"] == synthetic.MULTI_IMAGE for r in benchmark) == 10
+    info = synthetic.write_dataset(str(tmp_path / "without"), 12, 0, val_num=12, image_size=32,
+                                   multi_image_fraction=0.0)
+    assert set(info["chance_val"]) == set(synthetic.QUESTION_TYPES)
 
 
 def text_only_baseline_accuracy(train, val):

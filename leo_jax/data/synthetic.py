@@ -9,11 +9,12 @@ level of every question type). Records follow LLaVA:
 "<image>\\n..."}, {"from": "gpt", "value": "red"}], "question_type", "scenes"}. `scenes` describes
 every object of each image (shape, color, grid cell, centre, radius in pixels) so answers can be checked.
 
-Evaluated question types (QUESTION_TYPES) need the image: the answer is drawn first, uniformly and
-balanced per type, the question's wording is drawn independently of it, and the scene is built to
-make the answer true, so the text alone predicts nothing beyond chance. A few training-only
-'multi_turn', 'multi_image' and 'text_only' samples exercise those paths of the pipeline; training-only 'caption'
-samples ("Describe the image." -> every object's colour, shape and grid cell in reading order) are the set's
+Evaluated question types (EVALUATED_TYPES: the one-image QUESTION_TYPES and the two-image 'multi_image') need the
+image: the answer is drawn first, uniformly and balanced per type, the question's wording is drawn independently
+of it, and the scene is built to make the answer true, so the text alone predicts nothing beyond chance. The
+validation split holds the two-image questions (an equal share with each one-image type) when the training split
+has them. A few training-only 'multi_turn' and 'text_only' samples exercise those paths of the pipeline;
+training-only 'caption' samples ("Describe the image." -> every object's colour, shape and grid cell in reading order) are the set's
 LLaVA-pretraining-style dense supervision.
 Everything is a pure function of the seed: two runs write identical bytes.
 """
@@ -44,9 +45,10 @@ BACKGROUND = (240, 240, 240)
 GRID = 3  # objects sit in distinct cells of a GRID x GRID grid, so they never overlap
 MIN_IMAGE_SIZE = 24
 
-QUESTION_TYPES = ("color", "shape", "count", "position", "exists")  # evaluated; all need the image
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists")  # evaluated one-image questions
 MULTI_TURN = "multi_turn"  # training only: several questions about one image
-MULTI_IMAGE = "multi_image"  # training only: a question about two images
+MULTI_IMAGE = "multi_image"  # evaluated: which of two images has more objects
+EVALUATED_TYPES = QUESTION_TYPES + (MULTI_IMAGE,)
 TEXT_ONLY = "text_only"  # training only: no image
 CAPTION = "caption"  # training only: every object of the image, in reading order
 ANSWERS = {
@@ -55,6 +57,7 @@ ANSWERS = {
     "count": NUMBER_WORDS[1:5],
     "position": ("left", "right"),
     "exists": ("yes", "no"),
+    MULTI_IMAGE: ("first", "second"),
 }
 QUESTION_TEMPLATES = {
     "color": "What color is the {shape}?",
@@ -284,7 +287,8 @@ def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = 
         extra[CAPTION] = int(num * caption_fraction)
     kinds = _balanced_plan(rng, num - sum(extra.values()))
     for kind, count in extra.items():
-        kinds += [(kind, None)] * count
+        answers = ANSWERS.get(kind)  # two-image questions: balanced answers, as the one-image types
+        kinds += [(kind, answers[i % len(answers)] if answers else None) for i in range(count)]
     kinds = [kinds[i] for i in rng.permutation(num)]
 
     records = []
@@ -298,9 +302,10 @@ def generate_records(num: int, seed: int, *, image_size: int = 64, split: str = 
             scenes = [_random_scene(rng, image_size) for _ in range(2)]
             while len(scenes[0]["objects"]) == len(scenes[1]["objects"]):
                 scenes[1] = _random_scene(rng, image_size)
-            more = "first" if len(scenes[0]["objects"]) > len(scenes[1]["objects"]) else "second"
+            if (len(scenes[0]["objects"]) > len(scenes[1]["objects"])) != (answer == "first"):
+                scenes.reverse()  # the drawn answer made true
             record["image"] = [f"images/{split}/{index:06d}_{k}.png" for k in range(2)]
-            record["conversations"] = _turns(QUESTION_TEMPLATES["more"], more, num_images=2)
+            record["conversations"] = _turns(QUESTION_TEMPLATES["more"], answer, num_images=2)
             record["scenes"] = scenes
         elif question_type == CAPTION:
             scene = _random_scene(rng, image_size)
@@ -339,7 +344,7 @@ def chance_levels(records) -> dict[str, dict]:
         if record["question_type"] in ANSWERS:
             answers[record["question_type"]].append(record["conversations"][1]["value"])
     levels = {}
-    for question_type in QUESTION_TYPES:
+    for question_type in EVALUATED_TYPES:
         if not answers[question_type]:
             continue
         counts = collections.Counter(answers[question_type])
@@ -423,14 +428,15 @@ def write_split(out_dir: str, split: str, num: int, seed: int, **options) -> lis
 def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, image_size: int = 64,
                   multi_turn_fraction: float = 0.05, multi_image_fraction: float = 0.02,
                   text_only_fraction: float = 0.05, caption_fraction: float = 0.0, follow_ups: int = 0) -> dict:
-    """Writes data.json (train: evaluated types + multi-turn, multi-image, text-only and caption samples),
-    val.json (evaluated types only) with their images, val.jsonl (val.json as benchmark records) and
-    info.json (arguments, chance levels); returns the info dict."""
+    """Writes data.json (train: evaluated types + multi-turn, text-only and caption samples), val.json (evaluated
+    types only; the two-image type, an equal share, only when the training split has it) with their images,
+    val.jsonl (val.json as benchmark records) and info.json (arguments, chance levels); returns the info dict."""
     os.makedirs(out_dir, exist_ok=True)
     train = write_split(out_dir, "train", num, seed, image_size=image_size, multi_turn_fraction=multi_turn_fraction,
                         multi_image_fraction=multi_image_fraction, text_only_fraction=text_only_fraction,
                         caption_fraction=caption_fraction, follow_ups=follow_ups)
-    val = write_split(out_dir, "val", val_num, seed, image_size=image_size)
+    val = write_split(out_dir, "val", val_num, seed, image_size=image_size,
+                      multi_image_fraction=1 / len(EVALUATED_TYPES) if multi_image_fraction > 0 else 0.0)
     _write_json(os.path.join(out_dir, "data.json"), train)
     _write_json(os.path.join(out_dir, "val.json"), val)
     write_benchmark_file(out_dir, val)
@@ -438,7 +444,7 @@ def write_dataset(out_dir: str, num: int, seed: int = 0, *, val_num: int = 500, 
         "num": num, "val_num": val_num, "seed": seed, "image_size": image_size,
         "multi_turn_fraction": multi_turn_fraction, "multi_image_fraction": multi_image_fraction,
         "text_only_fraction": text_only_fraction, "caption_fraction": caption_fraction, "follow_ups": follow_ups,
-        "question_types": list(QUESTION_TYPES), "answers": ANSWERS,
+        "question_types": list(EVALUATED_TYPES), "answers": ANSWERS,
         "chance_train": chance_levels(train), "chance_val": chance_levels(val),
     }
     _write_json(os.path.join(out_dir, "info.json"), info)
