@@ -28,15 +28,15 @@ from leo_jax.pytorch.leo_mini import LeoMiniForCausalLM, eva_from_config
 TOL = 1e-4
 
 
-def random_model(cfg, seed=0):
-    """The model with every parameter drawn at random (norm scales around 1, everything else N(0, 0.05^2), LoRA B
+def random_model(cfg, seed=0, std=0.05):
+    """The model with every parameter drawn at random (norm scales around 1, everything else N(0, std^2), LoRA B
     included), built around numpy arrays: no initialiser runs, and no parameter keeps a value that could hide a
     conversion mistake (zeros, ones)."""
     graphdef, state = nnx.split(api.abstract_model(get_family("leo_mini"), cfg))
     rng = np.random.RandomState(seed)
     values = []
     for path, var in nnx.to_flat_state(state):
-        noise = rng.normal(0.0, 0.05, var.get_value().shape)
+        noise = rng.normal(0.0, std, var.get_value().shape)
         value = noise + 1.0 if path[-1] == "scale" else noise
         values.append((path, var.replace(jnp.asarray(value, var.get_value().dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(values))
@@ -55,7 +55,8 @@ def flat_params(model):
 
 def torch_inputs(model, batch):
     """The torch forward's arguments for a leo_jax batch: each expert's encoder inputs (normalised NCHW pixels,
-    Pix2Struct patches + mask), attention / prompt / image masks."""
+    Pix2Struct patches + mask), attention / prompt / image masks, and the answer tokens (the batch's loss_mask marks
+    the token before each supervised target)."""
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
     images, patch_masks = {}, {}
     for spec in model.specs:
@@ -64,13 +65,15 @@ def torch_inputs(model, batch):
             images[spec.name], patch_masks[spec.name] = t(x), t(batch[f"patch_mask_{spec.name}"])
         else:
             images[spec.name] = t(expert_pixels(spec, x)).permute(0, 1, 4, 2, 3)
+    answers = np.pad(np.asarray(batch["loss_mask"])[:, :-1] > 0, ((0, 0), (1, 0))) if "loss_mask" in batch else None
     return dict(input_ids=t(batch["input_ids"]).long(), images=images, patch_masks=patch_masks,
                 attention_mask=t(batch["segment_ids"] > 0), prompt_mask=t(batch["prompt_mask"]),
-                image_mask=t(batch["image_mask"]))
+                image_mask=t(batch["image_mask"]), answer_mask=None if answers is None else t(answers))
 
 
-def compare_logits(model, batch, torch_model):
-    """Max |JAX - PyTorch| logit over the real tokens, and the torch routers' top-1 choices there."""
+def compare_logits(model, batch, torch_model, return_logits=False):
+    """Max |JAX - PyTorch| logit over the real tokens, and the torch routers' top-1 choices there (and the torch
+    logits with `return_logits`)."""
     graphdef, state = nnx.split(model)
     expected = np.asarray(jax.jit(lambda s, b: nnx.merge(graphdef, s).train_forward(b).out)(state, batch))
     inputs = torch_inputs(model, batch)
@@ -78,7 +81,7 @@ def compare_logits(model, batch, torch_model):
         got = torch_model(**inputs).logits.numpy()
     real = np.asarray(batch["segment_ids"]) > 0
     choices = [p.argmax(-1).numpy()[real] for p in torch_model.router_probs()]
-    return float(np.abs(got - expected)[real].max()), choices
+    return (float(np.abs(got - expected)[real].max()), choices) + ((got,) if return_logits else ())
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +360,49 @@ def test_ablation_reductions_survive_export(tiny, tmp_path, cotr, grid, tokens):
     diff, _ = compare_logits(model, batch, LeoMiniForCausalLM.from_pretrained(out))
     print(f"LEO-MINI with CoTR {cotr}, PyTorch vs JAX: max abs logits diff = {diff:.2e}")
     assert diff <= TOL
+
+
+TURN_1 = [{"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": "red"}]
+TURN_2 = [{"from": "human", "value": "How many circles are there?"}, {"from": "gpt", "value": "two"}]
+
+
+@pytest.fixture(scope="module")
+def multi_turn_batch(tiny):
+    """A validation batch of the tiny LEO-MINI pipeline: row 0 one exchange, row 1 the same and a second exchange
+    (2 user turns, 2 answers) about the same image."""
+    _, _, _, work = tiny
+    image = json.loads((work / "data" / "data.json").read_text())[0]["image"]
+    with open(work / "turns.jsonl", "w") as f:
+        for conversations in (TURN_1, TURN_1 + TURN_2):
+            f.write(json.dumps({"image": image, "conversations": conversations}) + "\n")
+    config = load_config("tiny_leo_mini")
+    config.data.update(eval_files=str(work / "turns.jsonl"), eval_image_root=str(work / "data"), eval_batch_size=2)
+    iterator = pipeline.make_eval_iterator(config.data, visual.for_config(config), process_index=0, process_count=1)
+    batch = {k: jnp.asarray(v) for k, v in next(iterator).items() if k != "sample_index"}
+    iterator.close()
+    return batch
+
+
+@pytest.mark.parametrize("conditioning", ["turns_so_far", "first_turn", "all_turns"])
+def test_multi_turn_conditioning_matches_jax(tiny, multi_turn_batch, tmp_path, conditioning):
+    """On a two-exchange row the PyTorch model, reading `conditioning` from config.json, gives the JAX logits
+    (per-token routing and per-image CoTR text); in PyTorch too answer 1's logits do not change when a second turn
+    follows, except with 'all_turns' (the leak: the check can fail)."""
+    base, _, _, _ = tiny
+    batch = multi_turn_batch
+    model = random_model(config_with(base.cfg, conditioning=conditioning), std=0.15)  # the text matters visibly
+    out = api.export_module(model, "leo_mini", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["conditioning"] == conditioning
+    torch_model = LeoMiniForCausalLM.from_pretrained(out)
+    diff, _, logits = compare_logits(model, batch, torch_model, return_logits=True)
+    # answer 1's predicting positions (loss_mask marks them) are the same columns in both rows
+    answer_1 = np.flatnonzero(np.asarray(batch["loss_mask"][0]) > 0)
+    assert len(answer_1) >= 2 and (np.asarray(batch["loss_mask"][1])[answer_1] > 0).all()
+    turn_diff = float(np.abs(logits[0, answer_1] - logits[1, answer_1]).max())
+    print(f"LEO-MINI multi-turn, conditioning {conditioning}: PyTorch vs JAX max abs logits diff = {diff:.2e}; "
+          f"PyTorch answer-1 logits, one turn vs two turns: max abs diff = {turn_diff:.2e}")
+    assert diff <= TOL
+    if conditioning == "all_turns":
+        assert turn_diff > 10 * TOL
+    else:
+        assert turn_diff <= 1e-6

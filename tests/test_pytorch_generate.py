@@ -75,6 +75,38 @@ def test_pytorch_generate_equals_the_jax_engine(exported):
     assert processor.batch_decode(got) == engine.generate(requests, engine.sampling(max_new_tokens=NEW_TOKENS))
 
 
+def test_multi_turn_generate_equals_the_jax_engine(exported):
+    """A prompt with a history (question, answer, follow-up question) next to a one-turn prompt: the processor marks
+    the history's answer where the engine's row does, and greedy PyTorch tokens equal the engine's (LEO-MINI: the
+    first exchange's tokens are routed without the follow-up question, as in training)."""
+    kind, workdir, export_dir, images = exported
+    engine = InferenceEngine(*load_trained(workdir))
+    history = [{"from": "human", "value": "<image>\n" + QUESTIONS[0]}, {"from": "gpt", "value": "red"},
+               {"from": "human", "value": QUESTIONS[1]}]
+    requests = [Request(tuple(history), (images[0],)), Request.single(QUESTIONS[2], [images[1]])]
+    expected = engine.generate_tokens(requests, engine.sampling(max_new_tokens=NEW_TOKENS))
+    processor = LeoProcessor.from_pretrained(export_dir)
+    inputs = processor([history, QUESTIONS[2]], [[images[0]], [images[1]]])
+    batch, lengths = engine.prepare(requests)
+    mask = inputs["attention_mask"].numpy()
+    for row in range(2):
+        real = mask[row] == 1
+        np.testing.assert_array_equal(inputs["input_ids"][row].numpy()[real],
+                                      np.asarray(batch["input_ids"])[row, :lengths[row]])
+        answers = np.pad(np.asarray(batch["loss_mask"])[row, :lengths[row] - 1] > 0, (1, 0))  # the target tokens
+        np.testing.assert_array_equal(inputs["answer_mask"][row].numpy()[real], answers)
+    assert inputs["answer_mask"][0].sum() >= 2 and inputs["answer_mask"][1].sum() == 0
+    model = TORCH_MODELS[kind].from_pretrained(export_dir)
+    got = model.generate(**inputs, **processor.generation_kwargs(max_new_tokens=NEW_TOKENS)).numpy()
+    np.testing.assert_array_equal(got, expected)
+    if kind == "leo_mini":  # the history's answer splits the row into two exchanges: the routing depends on it
+        _, _, (_, prompt) = model.embed_inputs(**{k: v for k, v in inputs.items() if k != "answer_mask"})
+        _, _, (_, split) = model.embed_inputs(**inputs)
+        first = int(np.flatnonzero(inputs["answer_mask"][0].numpy())[0])
+        assert float((prompt[0, :first] - split[0, :first]).abs().max()) > 1e-4
+        assert torch.equal(prompt[0, -1], split[0, -1])  # the last exchange sees every turn either way
+
+
 def test_stop_tokens_and_seeded_sampling(exported):
     kind, _, export_dir, images = exported
     processor = LeoProcessor.from_pretrained(export_dir)

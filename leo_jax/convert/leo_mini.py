@@ -19,7 +19,8 @@ LEO-MINI has no official checkpoint layout; this one (ours) is the state dict of
 
 config.json holds `leo_jax` (the complete leo_jax LeoMiniConfig: import rebuilds the identical model) and what the
 PyTorch model builds its modules from: `vision_experts` (name, kind, the expert's HF config, its output layer/stage,
-grid, token count and width), `cotr`, `projector`, `text_config` (the LLM's HF config), `mmoe`, `image_context_id`.
+grid, token count and width), `cotr`, `projector`, `text_config` (the LLM's HF config), `mmoe`, `image_context_id`,
+`conditioning` (which user turns condition CoTR and the routers on multi-turn rows).
 
 `export_components` writes the parts as standalone HF directories: the LLM's base weights (without the LoRA experts
 and routers) and one directory per vision expert.
@@ -89,7 +90,7 @@ def config_to_hf(cfg: LeoMiniConfig, original: dict) -> dict:
                   spatial_prior=cotr.spatial_prior, text_bias=cotr.text_bias, mode=cotr.mode),
         projector=dict(in_features=projector.in_features, out_features=projector.out_features, act=projector.act,
                        layer_norm=projector.layer_norm),
-        image_context_id=cfg.image_context_id)
+        image_context_id=cfg.image_context_id, conditioning=cfg.conditioning)
     return hf
 
 

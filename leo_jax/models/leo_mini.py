@@ -347,7 +347,7 @@ class LeoMini(nnx.Module):
         exchange = exchange_index(batch)
         context = ids == cfg.image_context_id
         # the exchange holding each image slot: that of its <IMG_CONTEXT> run (slots fill in row order)
-        slot = (jnp.cumsum(context, axis=1) - 1) // self.cotr.cfg.num_queries
+        slot = (jnp.cumsum(context, axis=1) - 1) // self.cotr.cfg.output_tokens  # visual tokens per image
         at_slot = context[:, None, :] & (slot[:, None, :] == jnp.arange(image_mask.shape[1])[None, :, None])
         image_exchange = jnp.max(jnp.where(at_slot, exchange[:, None, :], 0), axis=-1)
         owner = (prompt[:, None, :] & (segments[:, None, :] == image_segments[:, :, None])

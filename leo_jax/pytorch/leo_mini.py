@@ -5,16 +5,21 @@ without JAX.
     vision experts (transformers CLIP / SigLIP / ConvNeXt / Pix2Struct / SAM / InternVL vision, leo_jax EVA-02)
       -> each expert's tokens as leo_jax.models.leo_mini.expert_tokens takes them (its output layer, CLS dropped,
          feature maps resized to the expert's grid)
-      -> CoTR (leo_jax.pytorch.cotr), conditioned on the pooled prompt embeddings of the image's sample
+      -> CoTR (leo_jax.pytorch.cotr), conditioned on the pooled prompt embeddings the image sees
       -> projector (Linear -> GELU -> Linear) -> visual tokens written at the <IMG_CONTEXT> positions
       -> transformers LlamaForCausalLM / Qwen2ForCausalLM whose target projections are MMoE LoRA linears
          (leo_jax.pytorch.mmoe.MMoELinear), routed per layer from the layer's normalised input, the sample's mean
-         visual token and its mean prompt embedding.
+         visual token and the mean prompt embedding each token sees.
+
+Multi-turn conditioning is leo_jax.models.leo_mini's (config.json `conditioning`): with 'turns_so_far' every token of
+exchange k (its user turn, images and answer) and every image of it see the user turns 1..k; 'first_turn' the
+first user turn; 'all_turns' every user turn of the row. Exchanges are read from `answer_mask` (a new one starts
+after each answer), as leo_jax reads them from its loss mask; without it the row is one exchange.
 
 Everything the model needs is in the export's config.json (see leo_jax.convert.leo_mini for the tensor names):
 `vision_experts` (name, kind, the expert's own HF config, output layer/stage, grid), `cotr`, `projector`,
-`text_config` (the LLM's HF config), `mmoe`, `image_context_id`. One sample per batch row (no packing), right
-padding marked by `attention_mask`.
+`text_config` (the LLM's HF config), `mmoe`, `image_context_id`, `conditioning`. One sample per batch row (no
+packing), left or right padding marked by `attention_mask`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ EXPERT_KINDS = {
 }
 CAUSAL_LMS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+CONDITIONING = ("turns_so_far", "first_turn", "all_turns")  # leo_jax.models.leo_mini.CONDITIONING
 # config.json fields that are not constructor arguments of the transformers config classes
 _NOT_CONFIG_ARGS = ("model_type", "transformers_version", "stage_names")
 
@@ -145,6 +151,10 @@ class LeoMiniForCausalLM(nn.Module):
                 raise ValueError(f"config.json lacks {key!r}: not a LEO-MINI export (write one with "
                                  f"leo_jax.convert.api.export_module(model, 'leo_mini', out_dir))")
         self.image_context_id = int(config["image_context_id"])
+        # exports written before the option existed: leo_jax's default (on one-turn data all options agree)
+        self.conditioning = config.get("conditioning", "turns_so_far")
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"config.json: conditioning={self.conditioning!r}; use one of {CONDITIONING}")
         self.expert_specs = [ExpertSpec(spec) for spec in config["vision_experts"]]
         self.vision_experts = nn.ModuleDict({spec.name: spec.build() for spec in self.expert_specs})
         cotr = config["cotr"]
@@ -234,7 +244,8 @@ class LeoMiniForCausalLM(nn.Module):
 
     def visual_tokens(self, images: Mapping[str, torch.Tensor], patch_masks: Mapping[str, torch.Tensor],
                       image_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Experts -> CoTR -> projector for images [B, M, ...]: -> [B, M * N^V, d_llm]."""
+        """Experts -> CoTR -> projector for images [B, M, ...], each conditioned on its pooled prompt text [B, M, d]
+        (`text_mask` [B, M]: whether it has any prompt token): -> [B, M * N^V, d_llm]."""
         b, m = image_mask.shape
         features, masks = [], []
         for spec in self.expert_specs:
@@ -254,20 +265,21 @@ class LeoMiniForCausalLM(nn.Module):
                 mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             features.append(tokens)
             masks.append(mask & image_mask.reshape(b * m, 1))
-        reduced = self.cotr(features, text.repeat_interleave(m, 0)[:, None], masks,
-                            text_mask.repeat_interleave(m, 0)[:, None])
+        reduced = self.cotr(features, text.reshape(b * m, 1, -1), masks, text_mask.reshape(b * m, 1))
         return self.projector(reduced).reshape(b, m * self.num_queries, -1)
 
     def forward(self, input_ids: torch.Tensor, images: Mapping[str, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None, patch_masks: Mapping[str, torch.Tensor] | None = None,
-                labels: torch.Tensor | None = None, **kwargs):
+                labels: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None, **kwargs):
         """input_ids [B, T] with N^V <IMG_CONTEXT> ids per image; images[expert] [B, M, ...]: each expert's encoder
         inputs for M image slots per sample; attention_mask [B, T] (1 = real token); prompt_mask [B, T]
         (1 = prompt token, which conditions CoTR and the routers; default: every real token); image_mask [B, M]
-        (default all images real; real ones first); patch_masks[expert] for Pix2Struct; labels as transformers'."""
+        (default all images real; real ones first); patch_masks[expert] for Pix2Struct; labels as transformers';
+        answer_mask [B, T] (1 = assistant answer token, terminator included: where the exchanges of a multi-turn
+        row end; default: one exchange)."""
         inputs_embeds, attention_mask, routing = self.embed_inputs(input_ids, images, attention_mask, prompt_mask,
-                                                                   image_mask, patch_masks)
+                                                                   image_mask, patch_masks, answer_mask)
         self._routing = routing
         try:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
@@ -279,29 +291,37 @@ class LeoMiniForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, images: Mapping[str, torch.Tensor] | None = None,
                  attention_mask: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
                  image_mask: torch.Tensor | None = None, patch_masks: Mapping[str, torch.Tensor] | None = None,
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 answer_mask: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None, **_ignored) -> torch.Tensor:
-        """New tokens [B, max_new_tokens] for left-padded prompts (as `LeoProcessor` builds them), with the LLM's
-        KV cache: greedy at temperature 0, else temperature / top-p sampling; a row emits pad_token_id after a stop
-        id. The MMoE routers keep each sample's prompt context (mean visual token and prompt embedding) throughout."""
+        """New tokens [B, max_new_tokens] for left-padded prompts (as `LeoProcessor` builds them, history answers
+        marked in `answer_mask`), with the LLM's KV cache: greedy at temperature 0, else temperature / top-p
+        sampling; a row emits pad_token_id after a stop id. Prompt tokens are routed with their own context; new
+        tokens continue the last exchange: the context of the prompt's last token (as leo_jax's engine)."""
         from leo_jax.pytorch.generation import decode, options, step_of
 
         inputs_embeds, mask, routing = self.embed_inputs(input_ids, images, attention_mask, prompt_mask, image_mask,
-                                                         patch_masks)
+                                                         patch_masks, answer_mask)
         opts = options(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
-        self._routing = routing
+        step, new_tokens = step_of(self.language_model), tuple(x[:, -1:] for x in routing)
+
+        def routed_step(ids, embeds, step_mask, positions, cache):
+            self._routing = routing if cache is None else new_tokens
+            return step(ids, embeds, step_mask, positions, cache)
+
         try:
-            return decode(step_of(self.language_model), inputs_embeds, mask, opts,
+            return decode(routed_step, inputs_embeds, mask, opts,
                           int(self.language_model.config.max_position_embeddings), generator)
         finally:
             self._routing = None
 
     def embed_inputs(self, input_ids: torch.Tensor, images: Mapping[str, torch.Tensor] | None,
                      attention_mask: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-                     image_mask: torch.Tensor | None = None, patch_masks: Mapping[str, torch.Tensor] | None = None):
+                     image_mask: torch.Tensor | None = None, patch_masks: Mapping[str, torch.Tensor] | None = None,
+                     answer_mask: torch.Tensor | None = None):
         """(LLM input embeddings [B, T, D] with the visual tokens at the <IMG_CONTEXT> positions, attention mask
-        [B, T], routing context (mean visual token, mean prompt embedding) [B, 1, d] each), as `forward` takes."""
+        [B, T], routing context: the sample's mean visual token [B, 1, d] and each token's mean prompt embedding
+        [B, T, d]), as `forward` takes."""
         b, t = input_ids.shape
         if not images:
             raise ValueError("LeoMiniForCausalLM: images is empty; pass each vision expert's inputs [B, M, ...]")
@@ -316,12 +336,9 @@ class LeoMiniForCausalLM(nn.Module):
         embeds = self.language_model.get_input_embeddings()(input_ids)
         context = (input_ids == self.image_context_id) & attention_mask
         prompt = prompt_mask & ~context
-        weights = prompt.to(embeds.dtype)[..., None]
-        count = weights.sum(1).clamp(min=1.0)
-        text = (embeds * weights).sum(1)  # the pooled prompt, pooled as CoTR pools
-        if self.cotr.pooling == "mean":
-            text = text / count
-        visual = self.visual_tokens(images, patch_masks or {}, image_mask, text, prompt.any(1))
+        text, has_text, token_prompt = self.conditioning_text(embeds, prompt, context, image_mask.shape[1],
+                                                              self.exchanges(attention_mask, answer_mask))
+        visual = self.visual_tokens(images, patch_masks or {}, image_mask, text, has_text)
         visual_mask = image_mask.repeat_interleave(self.num_queries, 1)
         context_counts, visual_counts = context.sum(1), visual_mask.sum(1)
         if not torch.equal(context_counts, visual_counts):
@@ -330,11 +347,46 @@ class LeoMiniForCausalLM(nn.Module):
                              f"tokens (id {self.image_context_id}) but {int(visual_counts[row])} visual tokens "
                              f"({self.num_queries} per real image)")
         inputs_embeds = embeds.masked_scatter(context[..., None], visual[visual_mask].to(embeds.dtype))
-        # routing context: each sample's mean visual token and mean prompt embedding [B, 1, d]
+        # routing context: each sample's mean visual token [B, 1, d], each token's mean prompt embedding [B, T, d]
         vmask = visual_mask.to(visual.dtype)[..., None]
         mean_visual = (visual * vmask).sum(1, keepdim=True) / vmask.sum(1, keepdim=True).clamp(min=1.0)
-        mean_prompt = (embeds * weights).sum(1, keepdim=True) / count[:, None]
-        return inputs_embeds, attention_mask, (mean_visual, mean_prompt)
+        return inputs_embeds, attention_mask, (mean_visual, token_prompt)
+
+    @staticmethod
+    def exchanges(attention_mask: torch.Tensor, answer_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] long: 1 + the number of answers that end before each token (its exchange); all 1 without
+        `answer_mask`."""
+        if answer_mask is None:
+            return torch.ones(attention_mask.shape, dtype=torch.long, device=attention_mask.device)
+        answer = answer_mask.bool() & attention_mask
+        ended = F.pad(answer[:, :-1], (1, 0)) & ~answer  # token t follows an answer's last token
+        return 1 + ended.long().cumsum(1)
+
+    def _sees(self, key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Whether prompt tokens of exchange `key` condition what belongs to exchange `query` (broadcast)."""
+        if self.conditioning == "turns_so_far":
+            return key <= query
+        shape = torch.broadcast_shapes(key.shape, query.shape)
+        if self.conditioning == "first_turn":
+            return (key == 1).expand(shape)
+        return torch.ones(shape, dtype=torch.bool, device=key.device)
+
+    def conditioning_text(self, embeds: torch.Tensor, prompt: torch.Tensor, context: torch.Tensor, slots: int,
+                          exchange: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompt text each image slot and each token sees (`conditioning`): (pooled prompt per slot
+        [B, M, d], pooled as CoTR pools; whether it has any prompt token [B, M]; mean prompt embedding per token
+        [B, T, d] for the routers). An image belongs to the exchange of its <IMG_CONTEXT> run (slots fill in row
+        order)."""
+        slot = (context.long().cumsum(1) - 1).div(self.num_queries, rounding_mode="floor")
+        at_slot = context[:, None, :] & (slot[:, None, :] == torch.arange(slots, device=slot.device)[None, :, None])
+        image_exchange = torch.where(at_slot, exchange[:, None, :], 0).amax(-1)  # [B, M]
+        owner = (prompt[:, None, :] & self._sees(exchange[:, None, :], image_exchange[:, :, None])).to(embeds.dtype)
+        text = torch.einsum("bmt,btd->bmd", owner, embeds)
+        if self.cotr.pooling == "mean":
+            text = text / owner.sum(-1, keepdim=True).clamp(min=1.0)
+        same = (prompt[:, None, :] & self._sees(exchange[:, None, :], exchange[:, :, None])).to(embeds.dtype)
+        token_prompt = torch.einsum("bts,bsd->btd", same, embeds) / same.sum(-1, keepdim=True).clamp(min=1.0)
+        return text, owner.sum(-1) > 0, token_prompt
 
     def router_probs(self) -> list[torch.Tensor]:
         """Every layer's router probabilities [B, T, E] from the last forward."""

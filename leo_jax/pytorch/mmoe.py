@@ -40,7 +40,8 @@ class LoRAExperts(nn.Module):
 
 class MMoELinear(nn.Module):
     """y = W0 x + B_g A_g x + sum_{e in top-k} g_e B_e A_e x, routed by `set_routing(h, visual, prompt)` before the
-    forward (h: the layer's normalised input; visual/prompt: mean visual token and prompt embedding [B, 1, d])."""
+    forward (h: the layer's normalised input [B, T, d]; visual/prompt: mean visual token and prompt embedding,
+    [B, 1, d] for every token or [B, T, d] per token)."""
 
     def __init__(self, base: nn.Linear, hidden: int, num_experts: int = 3, rank: int = 16, alpha: float = 16.0,
                  general_rank: int = 16, general_alpha: float = 16.0, top_k: int = 1, cond_dim: int = 256,

@@ -119,7 +119,8 @@ class LeoProcessor:
                  ) -> dict[str, Any]:
         """One conversation per row, ending with a user turn (a generation prompt follows it), and its images in
         `<image>` order (without placeholders, one per image is put first). -> input_ids, attention_mask,
-        prompt_mask [B, T] (left-padded) and the image inputs of the model kind."""
+        prompt_mask, answer_mask [B, T] (left-padded; answer_mask marks the history's answers, where LEO-MINI's
+        exchanges end, as the training rows' loss mask) and the image inputs of the model kind."""
         images = images if images is not None else [[] for _ in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
@@ -137,12 +138,14 @@ class LeoProcessor:
             visual.append(inputs)
         length = max(len(row.input_ids) for row in rows)
         ids = np.full((len(rows), length), self.pad_id, np.int64)
-        mask, prompt = np.zeros((len(rows), length), np.int64), np.zeros((len(rows), length), bool)
+        mask = np.zeros((len(rows), length), np.int64)
+        prompt, answer = np.zeros((len(rows), length), bool), np.zeros((len(rows), length), bool)
         for r, row in enumerate(rows):
             n = len(row.input_ids)
-            ids[r, length - n:], mask[r, length - n:], prompt[r, length - n:] = row.input_ids, 1, row.prompt_mask
+            ids[r, length - n:], mask[r, length - n:] = row.input_ids, 1
+            prompt[r, length - n:], answer[r, length - n:] = row.prompt_mask, row.loss_mask
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-               "prompt_mask": torch.from_numpy(prompt)}
+               "prompt_mask": torch.from_numpy(prompt), "answer_mask": torch.from_numpy(answer)}
         return {**out, **(self._collate_leo(visual) if self.kind == "leo" else self._collate_leo_mini(visual))}
 
     # --- LEO: tiles for both encoders, flattened over the batch ------------------------------------------------
