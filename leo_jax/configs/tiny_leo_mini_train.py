@@ -15,8 +15,8 @@ def synthetic_section(num: int = 20000, val_num: int = 500, multi_image_fraction
     """The built-in synthetic set to generate into the work directory (leo_jax.train.synthetic_data). 10% of the
     training samples are two-image questions ("Which image has more objects?"), also evaluated (a sixth of the
     validation set). 30% of the training samples are captions (every object's colour, shape and cell: dense
-    supervision, as LLaVA's pretraining captions; measured: colour 0.32 -> 0.60 at the same step count). `follow_ups` adds that many
-    questions about the same image to each training sample (raise data.seq_len)."""
+    supervision, as LLaVA's pretraining captions; measured: colour 0.32 -> 0.60 at the same step count).
+    `follow_ups` adds that many questions about the same image to each training sample (raise data.seq_len)."""
     return ml_collections.ConfigDict({"num": num, "val_num": val_num, "seed": 0, "image_size": 64,
                                       "multi_image_fraction": multi_image_fraction, "caption_fraction": 0.3,
                                       "follow_ups": follow_ups, "dir": ""})

@@ -14,8 +14,8 @@ image: the answer is drawn first, uniformly and balanced per type, the question'
 of it, and the scene is built to make the answer true, so the text alone predicts nothing beyond chance. The
 validation split holds the two-image questions (an equal share with each one-image type) when the training split
 has them. A few training-only 'multi_turn' and 'text_only' samples exercise those paths of the pipeline;
-training-only 'caption' samples ("Describe the image." -> every object's colour, shape and grid cell in reading order) are the set's
-LLaVA-pretraining-style dense supervision.
+training-only 'caption' samples ("Describe the image." -> every object's colour, shape and grid cell in reading
+order) are the set's LLaVA-pretraining-style dense supervision.
 Everything is a pure function of the seed: two runs write identical bytes.
 """
 from __future__ import annotations
