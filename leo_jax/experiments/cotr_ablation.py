@@ -3,8 +3,8 @@ budget? Trains tiny LEO-MINI variants on the built-in synthetic set, same steps 
 
     python -m leo_jax.experiments.cotr_ablation --out DIR [--steps 1500] [--seeds 0,1,2] [--quick]
 
-Variants (preset tiny_leo_mini_train, both experts on 8 x 8 token grids so every variant sees the same 64 + 64
-expert tokens per image; CoTR's other settings are the preset's):
+Variants (preset tiny_leo_mini_train with one-image questions only, both experts on 8 x 8 token grids so every
+variant sees the same 64 + 64 expert tokens per image; CoTR's other settings are the preset's):
 - cotr: CoTR as in the paper, the prompt row on (text_bias), 16 tokens per image;
 - cotr_no_text: the same without the prompt row (query term and spatial prior only), 16 tokens;
 - avg_pool: fixed 2 x 2 average pooling of each expert's 8 x 8 grid to 4 x 4, no learned reduction, 16 tokens;
@@ -52,6 +52,10 @@ class Variant:
         config.seed = seed
         config.data.seed = seed
         config.synthetic.dir = data_dir
+        # one image per question: every evaluated question names the object it is about (two-image questions
+        # compare object counts, which no per-image reduction is conditioned for)
+        config.synthetic.multi_image_fraction = 0.0
+        config.data.leo_mini.max_images_per_row = 1
         config.data.seq_len = model_config(config.model).visual_tokens_per_image() + TEXT_TOKENS
         config.train.steps = steps
         config.train.checkpoint_every = max(steps // 2, 1)
