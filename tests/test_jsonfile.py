@@ -75,3 +75,32 @@ def test_tokenizer_config_is_read_through_the_same_reader(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",}')
     with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON .*; fix or replace it"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("model", ["LeoModel", "LeoMiniForCausalLM"])
+def test_pytorch_models_read_config_through_the_same_reader(tmp_path, model):
+    import leo_jax.pytorch
+
+    cls = getattr(leo_jax.pytorch, model)
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found: export a LEO(-MINI)? model there first"):
+        cls.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "leo_mini",}')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON \(.* line 1 column 27\); "
+                                         r"re-export the model$"):
+        cls.from_pretrained(tmp_path)
+
+
+def test_pytorch_leo_mini_reads_its_shard_index_through_the_same_reader(tmp_path):
+    from leo_jax.pytorch import LeoMiniForCausalLM
+
+    (tmp_path / "config.json").write_text('{"model_type": "leo_mini"}')
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-1.safetensors"}')
+    with pytest.raises(ValueError, match=r"index\.json is not valid JSON .*; re-export the model$"):
+        LeoMiniForCausalLM.from_pretrained(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=r"index\.json lacks a 'weight_map' object .*: re-export the model$"):
+        LeoMiniForCausalLM.from_pretrained(tmp_path)
+    index.write_text('{"weight_map": {"a": "model-1.safetensors"}}')
+    with pytest.raises(FileNotFoundError, match=r"model-1\.safetensors not found \(LEO-MINI weights\)"):
+        LeoMiniForCausalLM.from_pretrained(tmp_path)

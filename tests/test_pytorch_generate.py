@@ -151,3 +151,14 @@ def test_pytorch_side_imports_no_jax():
             "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_generate_keywords_give_the_jax_decoders_sampling_options():
+    from leo_jax.infer.generate import SamplingConfig
+
+    assert SamplingConfig.from_hf(5, 0.7, 0.9, 7, None) == SamplingConfig(5, 0.7, 0.9, eos_ids=(7,), pad_id=0)
+    assert SamplingConfig.from_hf(5, 0.0, 1.0, [2, np.int64(3)], np.int64(4)) == SamplingConfig(5, eos_ids=(2, 3),
+                                                                                               pad_id=4)
+    assert SamplingConfig.from_hf(1, 0.0, 1.0, None, None) == SamplingConfig(1)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        SamplingConfig.from_hf(5, 1.0, 0, None, None)

@@ -10,7 +10,6 @@ log-likelihood of given answers, for multiple-choice scoring).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import NamedTuple
@@ -22,25 +21,7 @@ from flax import nnx
 
 from leo_jax.models.llm.decoder import CausalLM, DecoderCache
 from leo_jax.models.mmoe import RoutingContext
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 = greedy; top_p < 1 keeps the smallest set of tokens whose probability reaches top_p."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    eos_ids: tuple[int, ...] = ()
-    pad_id: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+from leo_jax.sampling import SamplingConfig
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:

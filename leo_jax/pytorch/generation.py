@@ -1,41 +1,15 @@
 """Autoregressive decoding for the PyTorch LEO / LEO-MINI with a KV cache: one prefill over the left-padded prompt
 embeddings, then one token per step. The same rules as leo_jax's JAX decoder: positions count each row's real
 tokens (left padding takes none), temperature 0 is greedy, top_p keeps the smallest set of tokens whose probability
-reaches it, and after a stop token a row emits `pad_token_id`."""
+reaches it, and after a stop token a row emits the pad id (`leo_jax.sampling.SamplingConfig`)."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
-
-@dataclasses.dataclass(frozen=True)
-class GenerationOptions:
-    """max_new_tokens >= 1; temperature 0 = greedy; top_p in (0, 1]; eos_token_id: the stop ids."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def options(max_new_tokens: int, temperature: float, top_p: float, eos_token_id: int | Sequence[int] | None,
-            pad_token_id: int | None) -> GenerationOptions:
-    """GenerationOptions from `generate()` keyword arguments (one stop id or several)."""
-    eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-    return GenerationOptions(max_new_tokens, temperature, top_p, tuple(int(i) for i in eos),
-                             0 if pad_token_id is None else int(pad_token_id))
+from leo_jax.sampling import SamplingConfig
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -68,7 +42,7 @@ def step_of(language_model) -> StepFn:
 
 
 @torch.no_grad()
-def decode(step: StepFn, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, opts: GenerationOptions,
+def decode(step: StepFn, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, opts: SamplingConfig,
            max_positions: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """New tokens [B, max_new_tokens] after left-padded prompt embeddings [B, T, D] (attention_mask 1 on real
     tokens). `step(input_ids, inputs_embeds, attention_mask, position_ids, cache) -> (last logits [B, V], cache)`
@@ -86,11 +60,11 @@ def decode(step: StepFn, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     position = positions[:, -1:] + 1
     b = mask.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=mask.device)
-    stops = torch.tensor(opts.eos_token_id or (-1,), device=mask.device)
+    stops = torch.tensor(opts.eos_ids or (-1,), device=mask.device)
     tokens = []
     for index in range(opts.max_new_tokens):
         token = sample_token(logits, opts.temperature, opts.top_p, generator)
-        token = torch.where(done, torch.full_like(token, opts.pad_token_id), token)
+        token = torch.where(done, torch.full_like(token, opts.pad_id), token)
         done = done | torch.isin(token, stops)
         tokens.append(token)
         if index + 1 == opts.max_new_tokens or bool(done.all()):
@@ -98,7 +72,7 @@ def decode(step: StepFn, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
         logits, cache = step(token[:, None], None, mask, position, cache)
         position = position + 1
-    out = torch.full((b, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=mask.device)
+    out = torch.full((b, opts.max_new_tokens), opts.pad_id, dtype=torch.long, device=mask.device)
     out[:, :len(tokens)] = torch.stack(tokens, 1)
     return out
 

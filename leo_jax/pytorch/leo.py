@@ -16,14 +16,15 @@ safetensors only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leo_jax.jsonfile import read_json
 from leo_jax.pytorch.cotr import LeoProjector, pixel_shuffle_internvl, pixel_unshuffle_tokens
+from leo_jax.sampling import SamplingConfig
 
 _CONFIG_META = ("model_type", "architectures", "transformers_version", "auto_map", "torch_dtype", "dtype")
 
@@ -321,7 +322,8 @@ class LeoModel(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json", "export a LEO model there first (`python -m leo_jax.convert "
+                           "export-hf` writes it)", "re-export the model")
         model = cls(config)
         state = {}
         for file in sorted(path.glob("*.safetensors")):
@@ -362,14 +364,14 @@ class LeoModel(nn.Module):
                  generator: torch.Generator | None = None, **_ignored) -> torch.Tensor:
         """New tokens [B, max_new_tokens] for left-padded prompts (as `LeoProcessor` builds them), with a KV cache:
         greedy at temperature 0, else temperature / top-p sampling; a row emits pad_token_id after a stop id."""
-        from leo_jax.pytorch.generation import decode, options, step_of
+        from leo_jax.pytorch.generation import decode, step_of
 
         if pixel_values is None:
             embeds = self.language_model.get_input_embeddings()(input_ids)
         else:
             embeds = self.embed_inputs(pixel_values, pixel_values_sam, input_ids, image_flags)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        opts = options(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
+        opts = SamplingConfig.from_hf(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
         max_positions = int(self.config["llm_config"].get("max_position_embeddings", 2048))
         return decode(step_of(self.language_model), embeds, mask, opts, max_positions, generator)
 

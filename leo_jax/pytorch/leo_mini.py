@@ -24,7 +24,6 @@ packing), left or right padding marked by `attention_mask`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leo_jax.jsonfile import read_json
 from leo_jax.pytorch.cotr import CoTR, MiniProjector
 from leo_jax.pytorch.eva02 import Eva
 from leo_jax.pytorch.mmoe import MMoELinear, balance_loss
+from leo_jax.sampling import SamplingConfig
 
 # expert kind -> (transformers config class, model class, how its output becomes tokens). EVA-02 is this package's.
 EXPERT_KINDS = {
@@ -213,14 +214,18 @@ class LeoMiniForCausalLM(nn.Module):
 
         path = Path(path)
         config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: export a LEO-MINI model there first")
-        config = json.loads(config_file.read_text())
+        config = read_json(config_file, "export a LEO-MINI model there first", "re-export the model")
         if config.get("model_type") != "leo_mini":
             raise ValueError(f"{config_file}: model_type={config.get('model_type')!r}, expected 'leo_mini'")
         index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
+        files = ["model.safetensors"]
+        if index.is_file():
+            shards = read_json(index, "the list of weight shards", "re-export the model")
+            weight_map = shards.get("weight_map") if isinstance(shards, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} lacks a 'weight_map' object (tensor name -> shard file): re-export the "
+                                 "model")
+            files = sorted(set(weight_map.values()))
         state = {}
         for name in files:
             if not (path / name).is_file():
@@ -298,11 +303,11 @@ class LeoMiniForCausalLM(nn.Module):
         marked in `answer_mask`), with the LLM's KV cache: greedy at temperature 0, else temperature / top-p
         sampling; a row emits pad_token_id after a stop id. Prompt tokens are routed with their own context; new
         tokens continue the last exchange: the context of the prompt's last token (as leo_jax's engine)."""
-        from leo_jax.pytorch.generation import decode, options, step_of
+        from leo_jax.pytorch.generation import decode, step_of
 
         inputs_embeds, mask, routing = self.embed_inputs(input_ids, images, attention_mask, prompt_mask, image_mask,
                                                          patch_masks, answer_mask)
-        opts = options(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
+        opts = SamplingConfig.from_hf(max_new_tokens, temperature, top_p, eos_token_id, pad_token_id)
         step, new_tokens = step_of(self.language_model), tuple(x[:, -1:] for x in routing)
 
         def routed_step(ids, embeds, step_mask, positions, cache):
