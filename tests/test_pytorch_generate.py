@@ -6,6 +6,7 @@ tokens; stop tokens end a row, seeded sampling repeats, bad input fails clearly,
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from leo_jax.config import load_config
 from leo_jax.convert.api import export_trained
 from leo_jax.data import synthetic
 from leo_jax.infer.chat import InferenceEngine, Request
+from leo_jax.jsonfile import read_json, write_json
 from leo_jax.pytorch import LeoMiniForCausalLM, LeoModel
-from leo_jax.pytorch.processing import LeoProcessor
+from leo_jax.pytorch.processing import MODEL_KINDS, LeoProcessor
 from train_helpers import save_step0_checkpoint
 
 NEW_TOKENS = 6
@@ -144,6 +146,28 @@ def test_bad_input_is_a_clear_error(exported, tmp_path):
         shutil.copy(os.path.join(export_dir, name), copy / name)
     with pytest.raises(FileNotFoundError, match="missing tokenizer: .*neither tokenizer.json nor tokenizer.model"):
         LeoProcessor.from_pretrained(copy)
+
+
+def test_preprocessor_config_chooses_the_kind_and_its_errors_name_the_file(exported, tmp_path):
+    kind, _, export_dir, _ = exported
+    assert type(LeoProcessor.from_pretrained(export_dir).kind) is MODEL_KINDS[kind]
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    pre_file = copy / "preprocessor_config.json"
+    pre = read_json(pre_file, "", "")
+    broken = {**pre, "model_kind": "llm"}
+    if kind == "leo":
+        wrong = {**pre, "tiling": {k: v for k, v in pre["tiling"].items() if k != "tokens_per_tile"}}
+        message = r"LEO needs a 'tiling' object with \[.*'tokens_per_tile'\]"
+    else:
+        first = next(name for name in pre["encoders"] if name.startswith(("pixels_", "patches_")))
+        wrong = {**pre, "encoders": {k: v for k, v in pre["encoders"].items() if k != first}}
+        message = f"no encoder entry for vision expert '{first.split('_', 1)[1]}'"
+    for value, match in ((broken, "model_kind='llm'; LeoProcessor serves 'leo' and 'leo_mini' exports"),
+                         (wrong, message)):
+        write_json(pre_file, value)
+        with pytest.raises(ValueError, match=f"{re.escape(str(pre_file))}: {match}"):
+            LeoProcessor.from_pretrained(copy)
 
 
 def test_pytorch_side_imports_no_jax():

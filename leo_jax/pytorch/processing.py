@@ -62,8 +62,105 @@ def llava_turns(conversation: str | Sequence[dict]) -> list[dict]:
     return turns
 
 
+class LeoTileInputs:
+    """LEO ('leo'): each image is tiled (preprocessor_config.json 'tiling'; several images share max_tiles) and every
+    tile goes to both encoders (`pixel_values`, `pixel_values_sam`), flattened over the batch with `image_flags`."""
+
+    def __init__(self, pre_file: Path, pre: dict, config: dict, preprocessors: dict):
+        self.tiling = pre.get("tiling")
+        fields = ("tile_size", "min_tiles", "max_tiles", "use_thumbnail", "tokens_per_tile")
+        if not isinstance(self.tiling, dict) or not all(field in self.tiling for field in fields):
+            raise ValueError(f"{pre_file}: LEO needs a 'tiling' object with {list(fields)}, got {self.tiling!r}: "
+                             "re-export the model")
+        missing = [name for name in ("pixel_values", "pixel_values_sam") if name not in preprocessors]
+        if missing:
+            raise ValueError(f"{pre_file}: no encoder entry for LEO's input(s) {missing}: re-export the model")
+        self.intern, self.sam = preprocessors["pixel_values"], preprocessors["pixel_values_sam"]
+
+    def image_inputs(self, loaded: list[Image.Image]) -> tuple[tuple[list, list], list[int]]:
+        """One row's images -> (its tiles for each encoder, visual tokens per image)."""
+        t, tiles_1, tiles_2, counts = self.tiling, [], [], []
+        for image in loaded:
+            budget = tiling.tiles_per_image_budget(len(loaded), t["max_tiles"])
+            tiles = tiling.tile_image(image, max_tiles=budget, tile=t["tile_size"], min_tiles=t["min_tiles"],
+                                      use_thumbnail=t["use_thumbnail"])
+            for tile in tiles:
+                tiles_1.append(self.intern.normalize(self.intern.host(tile)))
+                tiles_2.append(self._sam_input(tile))
+            counts.append(t["tokens_per_tile"] * len(tiles))
+        return (tiles_1, tiles_2), counts
+
+    def _sam_input(self, tile: Image.Image) -> np.ndarray:
+        """SAM's input for a tile: normalised, the bottom/right padding exactly 0 (as transformers)."""
+        x = self.sam.normalize(self.sam.host(tile))
+        height, width = self.sam.resized_size(tile.height, tile.width)
+        x[height:], x[:, width:] = 0.0, 0.0
+        return x
+
+    @staticmethod
+    def collate(visual: list) -> dict:
+        """The rows' tiles as `LeoModel` inputs (NCHW); none without images."""
+        first = [x for tiles, _ in visual for x in tiles]
+        if not first:
+            return {}
+        second = [x for _, tiles in visual for x in tiles]
+        nchw = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        return {"pixel_values": nchw(first), "pixel_values_sam": nchw(second),
+                "image_flags": torch.ones(len(first), dtype=torch.long)}
+
+
+class LeoMiniExpertInputs:
+    """LEO-MINI ('leo_mini'): each image goes whole to every vision expert (config.json 'vision_experts', each with
+    its preprocessor_config.json encoder entry) in a per-row image slot; CoTR gives num_queries tokens per image."""
+
+    def __init__(self, pre_file: Path, pre: dict, config: dict, preprocessors: dict):
+        self.num_queries = int(config["cotr"]["num_queries"])
+        self.preprocessors = {}  # expert name -> its preprocessor
+        for spec in config["vision_experts"]:
+            keys = [k for k in (f"pixels_{spec['name']}", f"patches_{spec['name']}") if k in preprocessors]
+            if not keys:
+                raise ValueError(f"{pre_file}: no encoder entry for vision expert {spec['name']!r}")
+            self.preprocessors[spec["name"]] = preprocessors[keys[0]]
+
+    def image_inputs(self, loaded: list[Image.Image]) -> tuple[dict, list[int]]:
+        """One row's images -> ({expert: [(input, patch mask or None) per image]}, visual tokens per image)."""
+        per_expert = {}
+        for name, pre in self.preprocessors.items():
+            outs = [pre.host(image) for image in loaded]
+            per_expert[name] = [(o["flattened_patches"], o["attention_mask"]) if isinstance(o, dict)
+                                else (pre.normalize(o).transpose(2, 0, 1), None) for o in outs]
+        return per_expert, [self.num_queries] * len(loaded)
+
+    def collate(self, visual: list) -> dict:
+        """The rows' images as `LeoMiniForCausalLM` inputs: [B, slots, ...] per expert, zero in empty slots marked
+        by image_mask; none without images."""
+        slots = max(len(next(iter(v.values()))) for v in visual) if visual else 0
+        if slots == 0:
+            return {}
+        images, patch_masks = {}, {}
+        image_mask = torch.zeros(len(visual), slots, dtype=torch.bool)
+        for name in self.preprocessors:
+            x, m = visual[0][name][0] if visual[0][name] else next(v[name][0] for v in visual if v[name])
+            pixels = np.zeros((len(visual), slots, *x.shape), np.float32)
+            masks = np.zeros((len(visual), slots, *m.shape), np.float32) if m is not None else None
+            for r, row in enumerate(visual):
+                for s, (xs, ms) in enumerate(row[name]):
+                    pixels[r, s], image_mask[r, s] = xs, True
+                    if masks is not None:
+                        masks[r, s] = ms
+            images[name] = torch.from_numpy(pixels)
+            if masks is not None:
+                patch_masks[name] = torch.from_numpy(masks)
+        return {"images": images, "patch_masks": patch_masks, "image_mask": image_mask}
+
+
+# preprocessor_config.json's model_kind -> the image inputs of that model
+MODEL_KINDS = {"leo": LeoTileInputs, "leo_mini": LeoMiniExpertInputs}
+
+
 class LeoProcessor:
-    """Chats + images -> left-padded model inputs for the exported LEO ('leo') or LEO-MINI ('leo_mini')."""
+    """Chats + images -> left-padded model inputs for the exported LEO ('leo') or LEO-MINI ('leo_mini'); `kind`
+    (chosen from preprocessor_config.json's model_kind) makes the image inputs."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -74,9 +171,10 @@ class LeoProcessor:
                                      "re-export the model")
         pre_file = path / "preprocessor_config.json"
         pre = read_json(pre_file, _NEEDED_FOR.format("the image preprocessing"), "re-export the model")
-        self.kind = pre.get("model_kind")
-        if self.kind not in ("leo", "leo_mini"):
-            raise ValueError(f"{pre_file}: model_kind={self.kind!r}; LeoProcessor serves 'leo' and 'leo_mini' exports")
+        kind = pre.get("model_kind")
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"{pre_file}: model_kind={kind!r}; LeoProcessor serves "
+                             f"{' and '.join(map(repr, MODEL_KINDS))} exports")
         self.template = tokenizer_config.get("leo_jax_template")
         if not self.template:
             raise ValueError(f"{path / 'tokenizer_config.json'} lacks 'leo_jax_template' (the training conversation "
@@ -87,19 +185,9 @@ class LeoProcessor:
             raise FileNotFoundError(f"missing tokenizer: {e}") from e
         self.stop_ids = tuple(templates.stop_token_ids(self.tokenizer, self.template))
         self.pad_id = int(self.tokenizer.pad_id)
-        encoders = pre.get("encoders") or {}
-        self.preprocessors = {name: image_processing.from_settings(settings, f"{pre_file}: encoders.{name}")
-                              for name, settings in encoders.items()}
-        if self.kind == "leo":
-            self.tiling = pre["tiling"]
-        else:
-            self.num_queries = int(config["cotr"]["num_queries"])
-            self.expert_inputs = {}  # expert name -> its preprocessor_config.json input
-            for spec in config["vision_experts"]:
-                keys = [k for k in (f"pixels_{spec['name']}", f"patches_{spec['name']}") if k in encoders]
-                if not keys:
-                    raise ValueError(f"{pre_file}: no encoder entry for vision expert {spec['name']!r}")
-                self.expert_inputs[spec["name"]] = keys[0]
+        preprocessors = {name: image_processing.from_settings(settings, f"{pre_file}: encoders.{name}")
+                         for name, settings in (pre.get("encoders") or {}).items()}
+        self.kind = MODEL_KINDS[kind](pre_file, pre, config, preprocessors)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LeoProcessor:
@@ -129,7 +217,7 @@ class LeoProcessor:
             origin = f"conversation {index}: "
             loaded = [load_image(source, origin) for source in sources]
             turns = templates.ensure_image_placeholders(llava_turns(conversation), len(loaded))
-            inputs, counts = self._leo_inputs(loaded) if self.kind == "leo" else self._leo_mini_inputs(loaded)
+            inputs, counts = self.kind.image_inputs(loaded)
             try:
                 rows.append(templates.encode_conversation(turns, self.tokenizer, self.template, counts,
                                                           add_generation_prompt=True))
@@ -146,66 +234,4 @@ class LeoProcessor:
             prompt[r, length - n:], answer[r, length - n:] = row.prompt_mask, row.loss_mask
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                "prompt_mask": torch.from_numpy(prompt), "answer_mask": torch.from_numpy(answer)}
-        return {**out, **(self._collate_leo(visual) if self.kind == "leo" else self._collate_leo_mini(visual))}
-
-    # --- LEO: tiles for both encoders, flattened over the batch ------------------------------------------------
-    def _leo_inputs(self, loaded: list[Image.Image]):
-        t, tiles_1, tiles_2, counts = self.tiling, [], [], []
-        intern, sam = self.preprocessors["pixel_values"], self.preprocessors["pixel_values_sam"]
-        for image in loaded:
-            budget = tiling.tiles_per_image_budget(len(loaded), t["max_tiles"])
-            tiles = tiling.tile_image(image, max_tiles=budget, tile=t["tile_size"], min_tiles=t["min_tiles"],
-                                      use_thumbnail=t["use_thumbnail"])
-            for tile in tiles:
-                tiles_1.append(intern.normalize(intern.host(tile)))
-                tiles_2.append(self._sam_input(sam, tile))
-            counts.append(t["tokens_per_tile"] * len(tiles))
-        return (tiles_1, tiles_2), counts
-
-    @staticmethod
-    def _sam_input(sam, tile: Image.Image) -> np.ndarray:
-        """SAM's input for a tile: normalised, the bottom/right padding exactly 0 (as transformers)."""
-        x = sam.normalize(sam.host(tile))
-        height, width = sam.resized_size(tile.height, tile.width)
-        x[height:], x[:, width:] = 0.0, 0.0
-        return x
-
-    @staticmethod
-    def _collate_leo(visual) -> dict:
-        first = [x for tiles, _ in visual for x in tiles]
-        if not first:
-            return {}
-        second = [x for _, tiles in visual for x in tiles]
-        nchw = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-        return {"pixel_values": nchw(first), "pixel_values_sam": nchw(second),
-                "image_flags": torch.ones(len(first), dtype=torch.long)}
-
-    # --- LEO-MINI: each expert's input per image slot -------------------------------------------------------------
-    def _leo_mini_inputs(self, loaded: list[Image.Image]):
-        per_expert = {}
-        for name, key in self.expert_inputs.items():
-            pre = self.preprocessors[key]
-            outs = [pre.host(image) for image in loaded]
-            per_expert[name] = [(o["flattened_patches"], o["attention_mask"]) if isinstance(o, dict)
-                                else (pre.normalize(o).transpose(2, 0, 1), None) for o in outs]
-        return per_expert, [self.num_queries] * len(loaded)
-
-    def _collate_leo_mini(self, visual) -> dict:
-        slots = max(len(next(iter(v.values()))) for v in visual) if visual else 0
-        if slots == 0:
-            return {}
-        images, patch_masks = {}, {}
-        image_mask = torch.zeros(len(visual), slots, dtype=torch.bool)
-        for name in self.expert_inputs:
-            x, m = visual[0][name][0] if visual[0][name] else next(v[name][0] for v in visual if v[name])
-            pixels = np.zeros((len(visual), slots, *x.shape), np.float32)
-            masks = np.zeros((len(visual), slots, *m.shape), np.float32) if m is not None else None
-            for r, row in enumerate(visual):
-                for s, (xs, ms) in enumerate(row[name]):
-                    pixels[r, s], image_mask[r, s] = xs, True
-                    if masks is not None:
-                        masks[r, s] = ms
-            images[name] = torch.from_numpy(pixels)
-            if masks is not None:
-                patch_masks[name] = torch.from_numpy(masks)
-        return {"images": images, "patch_masks": patch_masks, "image_mask": image_mask}
+        return {**out, **self.kind.collate(visual)}
