@@ -1,7 +1,7 @@
 """CoTR ablation in miniature: does text-conditioned token reduction beat unconditioned reduction at the same token
 budget? Trains tiny LEO-MINI variants on the built-in synthetic set, same steps and data, several seeds each.
 
-    python -m leo_jax.experiments.cotr_ablation --out DIR [--steps 1500] [--seeds 0,1,2] [--quick]
+    python -m leo_jax.experiments.cotr_ablation --out DIR [--steps 1000] [--seeds 0,1,2] [--quick]
 
 Variants (preset tiny_leo_mini_train with one-image questions only, both experts on 8 x 8 token grids so every
 variant sees the same 64 + 64 expert tokens per image; CoTR's other settings are the preset's):
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m leo_jax.experiments.cotr_ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (runs, synthetic set, ablation.json)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per run (default 1500)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
                         help="comma-separated subset of " + ", ".join(v.name for v in VARIANTS))
