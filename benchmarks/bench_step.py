@@ -8,13 +8,18 @@ model fits one accelerator. `attention_impl` is set on the LLM and every encoder
 the same model as leo_jax.pytorch builds it from the export config (LEO-MINI: LeoMiniForCausalLM; an LLM: InternLM2
 written there, Llama / Qwen2 from transformers) with an AdamW step on the same batch and device kind, in bf16
 autocast when the JAX compute dtype is bf16. Both sides train every parameter (the same work whatever the stage's
-freezing). Compilation and the first steps are excluded. Prints step time, tokens/s, images/s, MFU (model FLOPs of
+freezing) except the experts named in --freeze-experts. Compilation and the first steps are excluded; --rounds
+alternates the sides and reports each one's median round. Prints step time, tokens/s, images/s, MFU (model FLOPs of
 leo_jax.train.metrics for the batch's images over the device peak, when known) and peak device memory per
 implementation, then the JAX / PyTorch throughput ratio.
 
     python -m benchmarks.bench_step --config leo_mini_llama3_8b_stage2 --layers 8 --batch 8 --impls xla,auto
     python -m benchmarks.bench_step --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
     python -m benchmarks.bench_step --quick   # tiny CPU check: tiny LEO-MINI, xla vs splash in interpret mode
+    python -m benchmarks.bench_step --config tiny_leo_mini_train --batch 16 --seq 96 --impls xla \
+        --freeze-experts convnext --steps 3 --rounds 8   # the main command's step, JAX vs PyTorch on CPU
+    python -m benchmarks.bench_step --config tiny_leo_mini_train --config.model.llm.num_layers=4 \
+        --config.model.llm.hidden_size=256 --config.model.llm.intermediate_size=512 --batch 16 --seq 96 --impls xla
 """
 import argparse
 import sys
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from leo_jax.aot import batch_shapes
-from leo_jax.config import load_config
+from leo_jax.config import config_name, parse_cli
 from leo_jax.data import visual
 from leo_jax.layers.attention import attention_kernel
 from leo_jax.models.registry import build_model, model_config
@@ -92,41 +97,48 @@ def peak_memory() -> str:
     return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
-def bench_jax(config, impl: str, batch_np: dict, images: int, args) -> float:
-    """Seconds per step of the trainer's jitted step with `attention_impl=impl` (printed with its figures)."""
-    fields = with_impl(config.model.to_dict(), impl)
-    cfg = model_config(fields)
-    train = TrainConfig.from_config({"steps": args.steps + args.warmup, "learning_rate": 1e-5})
-    tx, schedule = make_optimizer(train, train.steps)
-    mesh = build_mesh({"ici": {"fsdp": -1, "data": 1}})
-    filt = TrainableFilter((".*",), ())
-    graphdef, state, shardings = create_train_state(lambda rngs: build_model(fields, rngs), filt, tx, 0, mesh)
-    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-    weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
-    step = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1, balance_loss_weight=weight),
-                          shardings, batch, mesh)
-    with jax.set_mesh(mesh):
-        kernel = attention_kernel(impl, llm_of(fields).get("splash_block", 512)).name
-        for _ in range(args.warmup):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / args.steps
-    if int(metrics.get("visual_token_mismatch", 0)):
-        raise SystemExit("bench batch: <IMG_CONTEXT> runs and image slots disagree (a bug in random_batch)")
-    b, t = batch_np["input_ids"].shape
-    unit = getattr(cfg, "visual_count", None)
-    flops = train_flops_per_step(cfg, t, b, count_params(state.trainable), {unit: images} if unit else None)
-    peak = peak_flops_per_device(0.0)
-    mfu = "n/a (no peak FLOPs for this device)" if peak is None else \
-        f"{100 * flops / seconds / (peak * jax.device_count()):.1f}%"
-    per_second = f"{images / seconds:8.2f} {unit}/s" if unit else "images/s n/a (text-only model)"
-    print(f"jax attention_impl={impl:<6} ({kernel:<6}) step {seconds:8.4f} s  {b * t / seconds:10.1f} tokens/s  "
-          f"{per_second}  MFU {mfu}  peak memory {peak_memory()}")
-    return seconds
+class JaxStep:
+    """The trainer's jitted step with `attention_impl=impl`, compiled and warmed up; `run(n)` times n steps."""
+
+    def __init__(self, config, impl: str, batch_np: dict, images: int, args):
+        self.impl, self.images, self.batch_np = impl, images, batch_np
+        fields = with_impl(config.model.to_dict(), impl)
+        self.cfg = model_config(fields)
+        train = TrainConfig.from_config({"steps": 1000, "learning_rate": 1e-5})
+        tx, schedule = make_optimizer(train, train.steps)
+        self.mesh = build_mesh({"ici": {"fsdp": -1, "data": 1}})
+        frozen = tuple(f"experts/{name}/.*" for name in args.freeze_experts)
+        graphdef, self.state, shardings = create_train_state(lambda rngs: build_model(fields, rngs),
+                                                             TrainableFilter((".*",), frozen), tx, 0, self.mesh)
+        self.batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+        weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
+        self.step = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1,
+                                                   balance_loss_weight=weight), shardings, self.batch, self.mesh)
+        self.kernel = attention_kernel(impl, llm_of(fields).get("splash_block", 512)).name
+        self.run(args.warmup)
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` steps."""
+        with jax.set_mesh(self.mesh):
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.state, self.metrics = self.step(self.state, self.batch)
+            jax.block_until_ready(self.metrics)
+        if int(self.metrics.get("visual_token_mismatch", 0)):
+            raise SystemExit("bench batch: <IMG_CONTEXT> runs and image slots disagree (a bug in random_batch)")
+        return (time.perf_counter() - start) / max(steps, 1)
+
+    def report(self, seconds: float) -> None:
+        b, t = self.batch_np["input_ids"].shape
+        unit = getattr(self.cfg, "visual_count", None)
+        params = count_params(self.state.trainable) + count_params(self.state.frozen)
+        flops = train_flops_per_step(self.cfg, t, b, params, {unit: self.images} if unit else None)
+        peak = peak_flops_per_device(0.0)
+        mfu = "n/a (no peak FLOPs for this device)" if peak is None else \
+            f"{100 * flops / seconds / (peak * jax.device_count()):.1f}%"
+        per_second = f"{self.images / seconds:8.2f} {unit}/s" if unit else "images/s n/a (text-only model)"
+        print(f"jax attention_impl={self.impl:<6} ({self.kernel:<6}) step {seconds:8.4f} s  {b * t / seconds:10.1f} "
+              f"tokens/s  {per_second}  MFU {mfu}  peak memory {peak_memory()}")
 
 
 def torch_model_and_inputs(config, batch_np: dict):
@@ -161,58 +173,74 @@ def torch_model_and_inputs(config, batch_np: dict):
                      "LEO-MINI); use --no-torch")
 
 
-def bench_torch(config, batch_np: dict, images: int, args) -> float | None:
-    """Seconds per step of the PyTorch model (AdamW, cross-entropy [+ balance loss]) on the same batch; None without
-    torch."""
-    try:
+class TorchStep:
+    """The PyTorch model (AdamW, cross-entropy [+ balance loss]) on the same batch, warmed up; `run(n)` times n
+    steps. `None` from `create` without torch."""
+
+    @classmethod
+    def create(cls, config, batch_np: dict, images: int, args):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("pytorch: not installed, no ratio")
+            return None
+        return cls(config, batch_np, images, args)
+
+    def __init__(self, config, batch_np: dict, images: int, args):
         import torch
-    except ImportError:
-        print("pytorch: not installed, no ratio")
-        return None
-    model, inputs, labels = torch_model_and_inputs(config, batch_np)
-    platform = jax.devices()[0].platform
-    device = "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
-    move = lambda v: {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v.to(device)  # noqa: E731
-    model, inputs, labels = model.to(device).train(), move(inputs), labels.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    bf16 = llm_of(config.model.to_dict()).get("dtype", "bfloat16") == "bfloat16"
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
-    weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
 
-    def step():
-        with autocast:
-            out = model(**inputs)
+        self.torch, self.images = torch, images
+        model, inputs, labels = torch_model_and_inputs(config, batch_np)
+        platform = jax.devices()[0].platform
+        self.device = device = "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
+        move = lambda v: {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v.to(device)  # noqa: E731
+        self.model, self.inputs, self.labels = model.to(device).train(), move(inputs), labels.to(device)
+        for name, p in self.model.named_parameters():  # the JAX side's experts/<name>/.* patterns
+            if any(name.startswith(f"vision_experts.{expert}.") for expert in args.freeze_experts):
+                p.requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        bf16 = llm_of(config.model.to_dict()).get("dtype", "bfloat16") == "bfloat16"
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+        self.weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
+        self.run(args.warmup)
+
+    def _step(self):
+        torch = self.torch
+        with self.autocast:
+            out = self.model(**self.inputs)
             logits = out if torch.is_tensor(out) else out.logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.labels.flatten(),
                                                      ignore_index=-100)
-            if weight and hasattr(model, "balance_loss"):
-                loss = loss + weight * model.balance_loss(inputs["attention_mask"])
+            if self.weight and hasattr(self.model, "balance_loss"):
+                loss = loss + self.weight * self.model.balance_loss(self.inputs["attention_mask"])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / args.steps
-    b, t = labels.shape
-    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a"
-    per_second = f"  {images / seconds:8.2f} images/s" if images else ""
-    print(f"pytorch {type(model).__name__} on {device}: step {seconds:8.4f} s  {b * t / seconds:10.1f} tokens/s"
-          f"{per_second}  peak memory {memory}")
-    return seconds
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def run(self, steps: int) -> float:
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self._step()
+        self.sync()
+        return (time.perf_counter() - start) / max(steps, 1)
+
+    def report(self, seconds: float) -> None:
+        b, t = self.labels.shape
+        memory = f"{self.torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if self.device == "cuda" else "n/a"
+        per_second = f"  {self.images / seconds:8.2f} images/s" if self.images else ""
+        print(f"pytorch {type(self.model).__name__} on {self.device}: step {seconds:8.4f} s  {b * t / seconds:10.1f} "
+              f"tokens/s{per_second}  peak memory {memory}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="llama3_8b",
-                        help="LLM, LEO-MINI or LEO preset (a training stage or a model)")
+                        help="LLM, LEO-MINI or LEO preset (a training stage or a model); --config.x=v overrides")
     parser.add_argument("--layers", type=int, default=0, help="cut the LLM to this many layers (0 = all)")
     parser.add_argument("--batch", type=int, default=1, help="rows per step (global)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per row (visual tokens included)")
@@ -220,12 +248,21 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--impls", default="xla,auto", help="comma-separated attention_impl values")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--freeze-experts", default="", type=lambda v: [x for x in v.split(",") if x],
+                        help="comma-separated vision experts to freeze on both sides (as the LEO-MINI recipes and "
+                             "tiny_leo_mini_train freeze ConvNeXt): no weight gradients for them")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the implementations and PyTorch this many times (--steps each) and report "
+                             "each one's median round: fairer on a machine whose speed drifts")
     parser.add_argument("--quick", action="store_true", help=f"tiny CPU check: {QUICK}")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--quick" in argv and not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv += ["--config", QUICK["config"]]
+    config, args = parse_cli(parser, argv)
     if args.quick:
         for key, value in QUICK.items():
-            setattr(args, key, value)
-    config = load_config(args.config)
+            if key != "config":
+                setattr(args, key, value)
     llm = llm_of(config.model)
     if args.layers:
         llm.num_layers = args.layers
@@ -237,15 +274,26 @@ def main(argv=None) -> int:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices (the batch is "
                          "split over all of them)")
     batch, images = random_batch(config, config.model.to_dict(), args.batch, args.seq)
-    print(f"{args.config}: {config.model.kind}, LLM {llm.get('family')} {llm.num_layers} layers, "
+    print(f"{config_name(argv)}: {config.model.kind}, LLM {llm.get('family')} {llm.num_layers} layers, "
           f"hidden {llm.hidden_size}, {llm.get('dtype')}; batch {args.batch} x {args.seq} tokens, "
           f"{images} images/tiles; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    times = {impl: bench_jax(config, impl, batch, images, args) for impl in args.impls.split(",")}
-    torch_seconds = None if args.no_torch else bench_torch(config, batch, images, args)
-    if torch_seconds is not None:
-        for impl, seconds in times.items():
-            print(f"ratio jax attention_impl={impl} / pytorch throughput: {torch_seconds / seconds:.2f}x")
+    runners = {impl: JaxStep(config, impl, batch, images, args) for impl in args.impls.split(",") if impl}
+    torch_step = None if args.no_torch else TorchStep.create(config, batch, images, args)
+    if torch_step is not None:
+        runners["pytorch"] = torch_step
+    rounds = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            rounds[name].append(runner.run(args.steps))
+    seconds = {name: float(np.median(times)) for name, times in rounds.items()}
+    for name, runner in runners.items():
+        runner.report(seconds[name])
+    if torch_step is not None:
+        for impl in runners:
+            if impl != "pytorch":
+                ratio = seconds["pytorch"] / seconds[impl]
+                print(f"ratio jax attention_impl={impl} / pytorch throughput: {ratio:.2f}x")
     return 0
 
 

@@ -14,7 +14,8 @@ def get_config():
     config.model.intern_vit.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=7,
                                    image_size=TILE, drop_path_rate=0.0, dtype="float32")
     config.model.sam.update(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=64,
-                            output_channels=64, window_size=4, global_attn_indexes=(1,), dtype="float32")
+                            output_channels=64, window_size=4, global_attn_indexes=(1,), global_query_chunk_rows=0,
+                            dtype="float32")
     # 8x8 neck map -> 4x4 = 16 tokens, as InternViT's 8x8 grid after shuffle; the neck's 64 channels make mlp2's input
     # 64 * 2^2 = 256 = mlp1's (64 * (1 / 0.5)^2), the width the official LEO code gives mlp2
     config.model.sam_unshuffle = 2

@@ -4,7 +4,7 @@
 
 The synthetic set is written to WORKDIR/synthetic on first use (config.synthetic). One stage trains everything
 the CLIP expert, CoTR, projector, LLM and MMoE; the ConvNeXt expert stays frozen at its random initialisation (as
-the recipe freezes its pretrained experts; its depthwise-convolution gradient is also the slowest op on XLA:CPU).
+the recipe freezes its pretrained experts).
 """
 import ml_collections
 

@@ -26,9 +26,12 @@ HOST_ONLY_KEYS = ("sample_index",)
 
 
 def cross_entropy_sum(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Sum over supervised tokens of -log softmax(logits)[label], in fp32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """Sum over supervised tokens of -log softmax(logits)[label] = logsumexp(logits) - logits[label], in fp32. The
+    label's logit is picked with a one-hot comparison, whose gradient is elementwise (a gather's is a scatter)."""
+    logits = logits.astype(jnp.float32)
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    picked = jnp.sum(jnp.where(labels[..., None].astype(jnp.int32) == vocab, logits, 0.0), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     return jnp.sum(nll * loss_mask.astype(jnp.float32))
 
 

@@ -32,6 +32,7 @@ from leo_jax.layers.common import (
     to_dtype,
     zeros_init,
 )
+from leo_jax.layers.conv import depthwise_conv, patch_conv
 from leo_jax.layers.mlp import activation
 from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.models.vision.vit import drop_path
@@ -124,10 +125,16 @@ class Conv2d(nnx.Module):
                           role=BIAS) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride),
-            [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        k, _, in_per_group, _ = kernel.shape
+        if self.stride == k and self.padding == 0 and self.groups == 1:  # the stem and downsampling: patches
+            y = patch_conv(x, kernel)
+        elif self.stride == 1 and in_per_group == 1 and self.groups == x.shape[-1]:  # the blocks' 7x7 depthwise
+            y = depthwise_conv(x, kernel, self.padding)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), [(self.padding, self.padding)] * 2,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=self.groups)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 

@@ -30,6 +30,7 @@ from leo_jax.layers.common import (
     to_dtype,
     zeros_init,
 )
+from leo_jax.layers.conv import patch_conv
 from leo_jax.layers.mlp import ACTIVATIONS, MLP
 from leo_jax.layers.pixels import IMAGENET_MEAN, IMAGENET_STD, check_mean_std
 from leo_jax.sharding import constrain
@@ -97,9 +98,9 @@ class ViTConfig:
 
 
 class PatchEmbed(nnx.Module):
-    """Non-overlapping p x p patches of NHWC pixels -> [B, H//p, W//p, D]: a stride-p convolution written as one
-    matmul over flattened patches (kernel [p, p, C, D], torch Conv2d weight transposed). As torch's conv, pixels past
-    the last whole patch are ignored (SigLIP so400m: 384 px = 27 patches of 14 + 6 unused)."""
+    """Non-overlapping p x p patches of NHWC pixels -> [B, H//p, W//p, D]: a stride-p convolution as one matmul
+    (`patch_conv`; kernel [p, p, C, D], torch Conv2d weight transposed). As torch's conv, pixels past the last whole
+    patch are ignored (SigLIP so400m: 384 px = 27 patches of 14 + 6 unused)."""
 
     def __init__(self, patch_size: int, in_channels: int, features: int, *, use_bias: bool, dtype: Any,
                  param_dtype: Any, rngs: nnx.Rngs):
@@ -115,9 +116,7 @@ class PatchEmbed(nnx.Module):
         if c != self.in_channels or h < p or w < p:
             raise ValueError(f"pixels of shape {tuple(pixels.shape)} (NHWC): expected {self.in_channels} channels and "
                              f"at least one {p}x{p} patch")
-        gh, gw = h // p, w // p
-        x = pixels[:, :gh * p, :gw * p].astype(self.dtype).reshape(b, gh, p, gw, p, c)
-        y = jnp.einsum("byixjc,ijcd->byxd", x, self.kernel[...].astype(self.dtype))
+        y = patch_conv(pixels.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
