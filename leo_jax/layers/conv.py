@@ -4,7 +4,7 @@
   over flattened non-overlapping patches.
 - `depthwise_conv`: ConvNeXt's 7x7 depthwise convolution. XLA:CPU runs grouped convolutions without a fast kernel
   and rewrites the depthwise weight gradient into a dense [k, k, C, C] convolution (measured on a [32, 16, 16, 32]
-  map: forward 17 ms, forward + both gradients 66 ms, against 1.2 ms / 8 ms here). On CPU it is k^2 shifted
+  map, 2 cores: forward 25 ms, forward + both gradients 65 ms, against 1.0 ms / 19 ms here). On CPU it is k^2 shifted
   multiply-adds with a custom gradient (the input gradient is the same sum over the flipped kernel; the kernel
   gradient is one batched matmul over channels whose diagonals are summed); on TPU and GPU it stays XLA's
   convolution (`target_platform`: an AOT compile for TPU on a CPU host keeps the native kernel).
