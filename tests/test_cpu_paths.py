@@ -1,4 +1,4 @@
-"""The CPU formulations (leo_jax.layers.conv, common.cpu_matmul, unrolled layer loops) compute what the native ops
+"""The CPU formulations (leo_jax.layers.conv, Linear's 2-D matmul, unrolled layer loops) compute what the native ops
 compute, values and gradients in fp32, and are used on CPU only: a trace that targets TPU keeps the native ops."""
 
 import jax
@@ -71,6 +71,8 @@ def _primitives(fn, *args) -> set[str]:
             names.add(eqn.primitive.name)
             if eqn.primitive.name == "scan":
                 names.add(f"scan(unroll={eqn.params['unroll']})")
+            if eqn.primitive.name == "dot_general":
+                names.add(f"dot_general(rank={eqn.invars[0].aval.ndim})")
             for sub in jax.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
@@ -79,8 +81,8 @@ def _primitives(fn, *args) -> set[str]:
 
 
 def test_the_cpu_formulations_are_used_on_cpu_only(monkeypatch):
-    """On CPU: shifted sums for the depthwise convolution, the materialised-gradient matmul, unrolled layer loops.
-    A trace that targets TPU (an AOT compile) keeps the grouped convolution, dot_general and the scan loop."""
+    """On CPU: shifted sums for the depthwise convolution, 2-D matmuls, unrolled layer loops. A trace that targets
+    TPU (an AOT compile) keeps the grouped convolution, the N-D dot_general and the scan loop."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 4)), jnp.float32)
@@ -92,9 +94,9 @@ def test_the_cpu_formulations_are_used_on_cpu_only(monkeypatch):
 
     cpu_conv, cpu_layers = _primitives(lambda a, w: conv.depthwise_conv(a, w, 3), x, kernel), _primitives(layers, x)
     assert "conv_general_dilated" not in cpu_conv
-    assert "optimization_barrier" in cpu_layers and "scan(unroll=3)" in cpu_layers, cpu_layers
+    assert "dot_general(rank=4)" not in cpu_layers and "scan(unroll=3)" in cpu_layers, cpu_layers
     for module in (common, conv):
         monkeypatch.setattr(module, "target_platform", lambda: "tpu")
     tpu_conv, tpu_layers = _primitives(lambda a, w: conv.depthwise_conv(a, w, 3), x, kernel), _primitives(layers, x)
     assert "conv_general_dilated" in tpu_conv
-    assert "optimization_barrier" not in tpu_layers and "scan(unroll=1)" in tpu_layers, tpu_layers
+    assert "dot_general(rank=4)" in tpu_layers and "scan(unroll=1)" in tpu_layers, tpu_layers
