@@ -7,10 +7,12 @@ skip when this process cannot mount (not root, or no mount namespace permission)
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ from leo_jax.data import pipeline, synthetic, templates
 from leo_jax.data.pipeline import DataSkipLimitError, SkipStats
 from leo_jax.data.tokenizer import SYNTHETIC_TOKENIZER_PATH, load_tokenizer
 from leo_jax.train.checkpoint import CheckpointReadError
-from leo_jax.train.loop import NonFiniteLossError, Trainer
+from leo_jax.train.loop import NonFiniteLossError, Trainer, config_changes
 from leo_jax.train.synthetic_data import ensure_synthetic_data
 from leo_jax.train.workdir import StorageError, WorkdirLockedError
 from train_helpers import llm_train_config
@@ -34,6 +36,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def metric_steps(workdir: str) -> list[int]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
+def tensorboard_steps(workdir: str, tag: str = "loss") -> list[int]:
+    """The steps TensorBoard shows for `tag`: every event file in name (= time) order, where a SessionLog START at
+    step s hides the steps >= s read so far (TensorBoard's purge of a crashed run's orphaned events)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    steps = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 16 + length
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps = [step for step in steps if step < event.step]
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
 
 
 def checkpoint_entries(workdir: str) -> list[str]:
@@ -213,6 +233,7 @@ def test_resume_step_resumes_from_an_older_checkpoint(trained, tmp_path):
     assert metric_steps(workdir) == [1, 2, 3, 4]  # 10: the records after the resumed step are dropped
     trainer.run()
     assert metric_steps(workdir) == [1, 2, 3, 4, 5, 6]  # no duplicates
+    assert tensorboard_steps(workdir) == [1, 2, 3, 4, 5, 6]  # the first run's 5 and 6 are purged
     assert checkpoint_entries(workdir) == ["2", "4", "6"]
     with pytest.raises(ValueError, match=r"resume_step=5: there is no checkpoint 5 .*\[2, 4, 6\]"):
         Trainer(resume_config(trained, workdir, resume_step=5), workdir).run()
@@ -288,6 +309,17 @@ def test_resume_refuses_config_changes_that_move_the_data_or_the_schedule(traine
     trainer.setup()
     assert int(trainer.state.step) == 6
     trainer.close()
+
+
+def test_a_visual_budget_change_is_a_resume_change_and_older_checkpoints_read_as_unbudgeted(tmp_path):
+    """The budget decides which records a batch holds, so it fixes the data position like the batch size; a
+    checkpoint written before the field existed ran every slot, i.e. budget -1."""
+    current = llm_train_config(str(tmp_path))
+    saved = current.to_dict()
+    del saved["data"]["visual_budget"]
+    assert config_changes(saved, current) == []
+    current.data.visual_budget = 64
+    assert config_changes(saved, current) == ["data.visual_budget: -1 -> 64"]
 
 
 # 10 -----------------------------------------------------------------------------------------------------------------

@@ -60,8 +60,10 @@ LOSS_KEYS = ("loss", "total_loss", "grad_norm")  # checked for NaN / inf at ever
 # this order, and the learning-rate schedule to this length and shape (train.allow_config_change=True overrides).
 RESUME_FIELDS = ("seed", "data.train_files", "data.image_root", "data.split", "data.seed", "data.shuffle",
                  "data.num_epochs", "data.global_batch_size", "data.seq_len", "data.packing", "data.template",
-                 "data.tokenizer", "train.steps", "train.schedule", "train.warmup_fraction", "train.final_lr_fraction",
-                 "train.grad_accum_steps")
+                 "data.tokenizer", "data.visual_budget", "train.steps", "train.schedule", "train.warmup_fraction",
+                 "train.final_lr_fraction", "train.grad_accum_steps")
+# What a checkpoint written before a field existed ran with (its saved config lacks the field).
+RESUME_FIELD_DEFAULTS = {"data.visual_budget": -1}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,8 +88,14 @@ def _config_value(config: Any, dotted: str) -> Any:
 
 def config_changes(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """'field: saved -> current' for each RESUME_FIELDS entry that differs."""
-    return [f"{f}: {_config_value(saved, f)!r} -> {_config_value(current, f)!r}" for f in RESUME_FIELDS
-            if _config_value(saved, f) != _config_value(current, f)]
+    changes = []
+    for field in RESUME_FIELDS:
+        before, now = _config_value(saved, field), _config_value(current, field)
+        before = RESUME_FIELD_DEFAULTS.get(field) if before is None else before
+        now = RESUME_FIELD_DEFAULTS.get(field) if now is None else now
+        if before != now:
+            changes.append(f"{field}: {before!r} -> {now!r}")
+    return changes
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -121,15 +121,23 @@ class MetricsWriter:
         self._lines = (self.path.read_text().splitlines(keepends=True) if self.remote and self.path.exists()
                        else [])
         self.jsonl = None if self.remote else open(self.path, "a")
+        self.tensorboard_dir = str(epath.Path(workdir) / "tensorboard")
+        self.tensorboard = None  # opened at the first write, or by `truncate` with the step to purge from
+
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        self.tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=purge_step)
 
     def truncate(self, step: int) -> None:
         """Drops the records after `step` (a resumed run rewrites them), atomically (temp file + rename locally,
-        one object write remotely)."""
+        one object write remotely). TensorBoard event files are append-only: a new event file starts with a purge
+        marker at step + 1 (tensorboardX `purge_step`), so TensorBoard hides the earlier files' later steps."""
         if not self.active:
             return
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self._open_tensorboard(purge_step=step + 1)
         if self.remote:
             self._lines = [line for line in self._lines if _record_step(line) <= step]
             self.path.write_text("".join(self._lines))
@@ -152,6 +160,8 @@ class MetricsWriter:
         else:
             self.jsonl.write(line)
             self.jsonl.flush()
+        if self.tensorboard is None:
+            self._open_tensorboard()
         for key, value in scalars.items():
             self.tensorboard.add_scalar(key, value, step)
         self.tensorboard.flush()
@@ -160,4 +170,5 @@ class MetricsWriter:
         if self.active:
             if self.jsonl is not None:
                 self.jsonl.close()
-            self.tensorboard.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
