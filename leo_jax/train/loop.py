@@ -86,16 +86,15 @@ def _config_value(config: Any, dotted: str) -> Any:
     return json.loads(json.dumps(node.to_dict() if hasattr(node, "to_dict") else node))
 
 
+def _resume_value(config: Any, field: str) -> Any:
+    value = _config_value(config, field)
+    return RESUME_FIELD_DEFAULTS.get(field) if value is None else value
+
+
 def config_changes(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """'field: saved -> current' for each RESUME_FIELDS entry that differs."""
-    changes = []
-    for field in RESUME_FIELDS:
-        before, now = _config_value(saved, field), _config_value(current, field)
-        before = RESUME_FIELD_DEFAULTS.get(field) if before is None else before
-        now = RESUME_FIELD_DEFAULTS.get(field) if now is None else now
-        if before != now:
-            changes.append(f"{field}: {before!r} -> {now!r}")
-    return changes
+    return [f"{f}: {_resume_value(saved, f)!r} -> {_resume_value(current, f)!r}" for f in RESUME_FIELDS
+            if _resume_value(saved, f) != _resume_value(current, f)]
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
