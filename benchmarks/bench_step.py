@@ -22,6 +22,7 @@ implementation, then the JAX / PyTorch throughput ratio.
         --config.model.llm.hidden_size=256 --config.model.llm.intermediate_size=512 --batch 16 --seq 96 --impls xla
 """
 import argparse
+import resource
 import sys
 import time
 
@@ -89,6 +90,11 @@ def random_batch(config, model_fields: dict, batch: int, seq: int) -> tuple[dict
                segment_ids=np.ones((batch, seq), np.int32),
                positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy())
     return out, batch * slots
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far: pages the kernel mapped in on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def peak_memory() -> str:
@@ -282,13 +288,18 @@ def main(argv=None) -> int:
     torch_step = None if args.no_torch else TorchStep.create(config, batch, images, args)
     if torch_step is not None:
         runners["pytorch"] = torch_step
-    rounds = {name: [] for name in runners}
+    rounds, faults = {name: [] for name in runners}, dict.fromkeys(runners, 0)
     for _ in range(args.rounds):
         for name, runner in runners.items():
+            before = minor_page_faults()
             rounds[name].append(runner.run(args.steps))
+            faults[name] += minor_page_faults() - before
     seconds = {name: float(np.median(times)) for name, times in rounds.items()}
     for name, runner in runners.items():
         runner.report(seconds[name])
+    if jax.devices()[0].platform == "cpu":  # host memory the step maps in afresh: see README "CPU"
+        print("host page faults per step: " + ", ".join(f"{name} {faults[name] / (args.rounds * args.steps):.0f}"
+                                                         for name in runners))
     if torch_step is not None:
         for impl in runners:
             if impl != "pytorch":
