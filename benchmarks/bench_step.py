@@ -10,8 +10,9 @@ written there, Llama / Qwen2 from transformers) with an AdamW step on the same b
 autocast when the JAX compute dtype is bf16. Both sides train every parameter (the same work whatever the stage's
 freezing) except the experts named in --freeze-experts. Compilation and the first steps are excluded; --rounds
 alternates the sides and reports each one's median round. Prints step time, tokens/s, images/s, MFU (model FLOPs of
-leo_jax.train.metrics for the batch's images over the device peak, when known) and peak device memory per
-implementation, then the JAX / PyTorch throughput ratio.
+leo_jax.train.metrics for the batch's images over the device peak, when known), peak device memory and the
+temporaries per call per implementation, the host page faults per step on CPU, then the JAX / PyTorch throughput
+ratio.
 
     python -m benchmarks.bench_step --config leo_mini_llama3_8b_stage2 --layers 8 --batch 8 --impls xla,auto
     python -m benchmarks.bench_step --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
@@ -20,6 +21,8 @@ implementation, then the JAX / PyTorch throughput ratio.
         --freeze-experts convnext --steps 3 --rounds 8   # the main command's step, JAX vs PyTorch on CPU
     python -m benchmarks.bench_step --config tiny_leo_mini_train --config.model.llm.num_layers=4 \
         --config.model.llm.hidden_size=256 --config.model.llm.intermediate_size=512 --batch 16 --seq 96 --impls xla
+    python -m benchmarks.bench_step --config tiny_leo_mini_train --batch 16 --seq 96 --impls xla --steps 3 \
+        --rounds 5 --cpu-scheduler CPU_SCHEDULER_TYPE_DEFAULT   # the trainer's CPU scheduler vs XLA:CPU's default
 """
 import argparse
 import resource
@@ -106,8 +109,10 @@ def peak_memory() -> str:
 class JaxStep:
     """The trainer's jitted step with `attention_impl=impl`, compiled and warmed up; `run(n)` times n steps."""
 
-    def __init__(self, config, impl: str, batch_np: dict, images: int, args):
+    def __init__(self, config, impl: str, batch_np: dict, images: int, args, cpu_scheduler: str | None = None):
+        """`cpu_scheduler`: an XLA:CPU scheduler type to compile with instead of the trainer's options."""
         self.impl, self.images, self.batch_np = impl, images, batch_np
+        self.label = impl if cpu_scheduler is None else f"{impl} with {cpu_scheduler}"
         fields = with_impl(config.model.to_dict(), impl)
         self.cfg = model_config(fields)
         train = TrainConfig.from_config({"steps": 1000, "learning_rate": 1e-5})
@@ -118,8 +123,13 @@ class JaxStep:
                                                              TrainableFilter((".*",), frozen), tx, 0, self.mesh)
         self.batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
         weight = float(config.train.get("balance_loss_weight", 0.0)) if "train" in config else 0.0
-        self.step = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1,
-                                                   balance_loss_weight=weight), shardings, self.batch, self.mesh)
+        jitted = jit_train_step(make_train_step(graphdef, tx, schedule, grad_accum_steps=1,
+                                                balance_loss_weight=weight), shardings, self.batch, self.mesh)
+        options = None if cpu_scheduler is None else {"xla_cpu_scheduler_type": cpu_scheduler}
+        with jax.set_mesh(self.mesh):
+            self.step = jitted.lower(self.state, self.batch).compile(compiler_options=options)
+        memory = self.step.memory_analysis()
+        self.temporaries = None if memory is None else memory.temp_size_in_bytes
         self.kernel = attention_kernel(impl, llm_of(fields).get("splash_block", 512)).name
         self.run(args.warmup)
 
@@ -143,8 +153,9 @@ class JaxStep:
         mfu = "n/a (no peak FLOPs for this device)" if peak is None else \
             f"{100 * flops / seconds / (peak * jax.device_count()):.1f}%"
         per_second = f"{self.images / seconds:8.2f} {unit}/s" if unit else "images/s n/a (text-only model)"
-        print(f"jax attention_impl={self.impl:<6} ({self.kernel:<6}) step {seconds:8.4f} s  {b * t / seconds:10.1f} "
-              f"tokens/s  {per_second}  MFU {mfu}  peak memory {peak_memory()}")
+        temporaries = "n/a" if self.temporaries is None else f"{self.temporaries / 2**20:.1f} MiB"
+        print(f"jax attention_impl={self.label:<6} ({self.kernel:<6}) step {seconds:8.4f} s  {b * t / seconds:10.1f} "
+              f"tokens/s  {per_second}  MFU {mfu}  peak memory {peak_memory()}  temporaries per call {temporaries}")
 
 
 def torch_model_and_inputs(config, batch_np: dict):
@@ -260,6 +271,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the implementations and PyTorch this many times (--steps each) and report "
                              "each one's median round: fairer on a machine whose speed drifts")
+    parser.add_argument("--cpu-scheduler", default="",
+                        help="also time each implementation compiled with this XLA:CPU scheduler type instead of the "
+                             "trainer's (leo_jax.train.step.CPU_COMPILER_OPTIONS), e.g. CPU_SCHEDULER_TYPE_DEFAULT")
     parser.add_argument("--quick", action="store_true", help=f"tiny CPU check: {QUICK}")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv and not any(a == "--config" or a.startswith("--config=") for a in argv):
@@ -284,7 +298,13 @@ def main(argv=None) -> int:
           f"hidden {llm.hidden_size}, {llm.get('dtype')}; batch {args.batch} x {args.seq} tokens, "
           f"{images} images/tiles; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    runners = {impl: JaxStep(config, impl, batch, images, args) for impl in args.impls.split(",") if impl}
+    jax_steps = [JaxStep(config, impl, batch, images, args) for impl in args.impls.split(",") if impl]
+    if args.cpu_scheduler:
+        if jax.devices()[0].platform != "cpu":
+            raise SystemExit("--cpu-scheduler compares XLA:CPU schedulers: it needs the CPU backend")
+        jax_steps += [JaxStep(config, impl, batch, images, args, args.cpu_scheduler)
+                      for impl in args.impls.split(",") if impl]
+    runners = {step.label: step for step in jax_steps}
     torch_step = None if args.no_torch else TorchStep.create(config, batch, images, args)
     if torch_step is not None:
         runners["pytorch"] = torch_step

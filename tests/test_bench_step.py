@@ -1,6 +1,7 @@
 """`python -m benchmarks.bench_step --quick` runs the trainer's whole tiny LEO-MINI step (experts, CoTR, LLM) with
-images for xla and splash (interpret mode) and the PyTorch LeoMiniForCausalLM on CPU, and prints every figure line
-(tokens/s, images/s, MFU, memory, host page faults) and the JAX / PyTorch ratio (no time values are asserted)."""
+images for xla and splash (interpret mode) and the PyTorch LeoMiniForCausalLM on CPU, and prints every figure
+line (tokens/s, images/s, MFU, memory, temporaries, host page faults) and the JAX / PyTorch ratio (no time values are
+asserted)."""
 
 import os
 import re
@@ -18,7 +19,8 @@ def test_bench_step_quick_prints_figures_and_ratio():
     lines = out.stdout.splitlines()
     for impl in ("xla", "splash"):
         line = next(x for x in lines if x.startswith(f"jax attention_impl={impl} "))
-        assert re.search(r"step +[\d.]+ s +[\d.]+ tokens/s +[\d.]+ images/s .*MFU .*peak memory", line), line
+        assert re.search(r"step +[\d.]+ s +[\d.]+ tokens/s +[\d.]+ images/s .*MFU .*peak memory .* temporaries per "
+                         r"call [\d.]+ MiB$", line), line
         assert re.search(rf"^ratio jax attention_impl={impl} / pytorch throughput: [\d.]+x$", out.stdout, re.MULTILINE)
     assert re.search(r"^host page faults per step: xla \d+, splash \d+, pytorch \d+$", out.stdout, re.MULTILINE)
     assert any(re.match(r"pytorch LeoMiniForCausalLM on cpu: step +[\d.]+ s +[\d.]+ tokens/s +[\d.]+ images/s", x)
