@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     seconds = {name: float(np.median(times)) for name, times in rounds.items()}
     for name, runner in runners.items():
         runner.report(seconds[name])
-    if jax.devices()[0].platform == "cpu":  # host memory the step maps in afresh: see README "CPU"
+    if jax.devices()[0].platform == "cpu":  # host memory the step maps in afresh: README "On CPU"
         print("host page faults per step: " + ", ".join(f"{name} {faults[name] / (args.rounds * args.steps):.0f}"
                                                          for name in runners))
     if torch_step is not None:
