@@ -298,12 +298,12 @@ def main(argv=None) -> int:
           f"hidden {llm.hidden_size}, {llm.get('dtype')}; batch {args.batch} x {args.seq} tokens, "
           f"{images} images/tiles; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
-    jax_steps = [JaxStep(config, impl, batch, images, args) for impl in args.impls.split(",") if impl]
+    impls = [impl for impl in args.impls.split(",") if impl]
+    jax_steps = [JaxStep(config, impl, batch, images, args) for impl in impls]
     if args.cpu_scheduler:
         if jax.devices()[0].platform != "cpu":
             raise SystemExit("--cpu-scheduler compares XLA:CPU schedulers: it needs the CPU backend")
-        jax_steps += [JaxStep(config, impl, batch, images, args, args.cpu_scheduler)
-                      for impl in args.impls.split(",") if impl]
+        jax_steps += [JaxStep(config, impl, batch, images, args, args.cpu_scheduler) for impl in impls]
     runners = {step.label: step for step in jax_steps}
     torch_step = None if args.no_torch else TorchStep.create(config, batch, images, args)
     if torch_step is not None:

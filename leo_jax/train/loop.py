@@ -93,8 +93,8 @@ def _resume_value(config: Any, field: str) -> Any:
 
 def config_changes(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """'field: saved -> current' for each RESUME_FIELDS entry that differs."""
-    return [f"{f}: {_resume_value(saved, f)!r} -> {_resume_value(current, f)!r}" for f in RESUME_FIELDS
-            if _resume_value(saved, f) != _resume_value(current, f)]
+    values = ((field, _resume_value(saved, field), _resume_value(current, field)) for field in RESUME_FIELDS)
+    return [f"{field}: {before!r} -> {now!r}" for field, before, now in values if before != now]
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
