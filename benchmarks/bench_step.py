@@ -12,7 +12,8 @@ freezing) except the experts named in --freeze-experts. Compilation and the firs
 alternates the sides and reports each one's median round. Prints step time, tokens/s, images/s, MFU (model FLOPs of
 leo_jax.train.metrics for the batch's images over the device peak, when known), peak device memory and the
 temporaries per call per implementation, the host page faults per step on CPU, then the JAX / PyTorch throughput
-ratio.
+ratio. The process runs with the train CLI's CPU settings (leo_jax.train.cpu_process), which the PyTorch side shares
+(`--cpu-process default` for JAX's and glibc's defaults).
 
     python -m benchmarks.bench_step --config leo_mini_llama3_8b_stage2 --layers 8 --batch 8 --impls xla,auto
     python -m benchmarks.bench_step --config llama3_8b --layers 8 --batch 1 --seq 8192 --impls xla,auto
@@ -23,6 +24,8 @@ ratio.
         --config.model.llm.hidden_size=256 --config.model.llm.intermediate_size=512 --batch 16 --seq 96 --impls xla
     python -m benchmarks.bench_step --config tiny_leo_mini_train --batch 16 --seq 96 --impls xla --steps 3 \
         --rounds 5 --cpu-scheduler CPU_SCHEDULER_TYPE_DEFAULT   # the trainer's CPU scheduler vs XLA:CPU's default
+    python -m benchmarks.bench_step --config tiny_leo_mini_train --batch 16 --seq 96 --impls xla --steps 3 \
+        --rounds 5 --cpu-process default   # without the train CLI's CPU process settings (both sides)
 """
 import argparse
 import resource
@@ -39,6 +42,7 @@ from leo_jax.data import visual
 from leo_jax.layers.attention import attention_kernel
 from leo_jax.models.registry import build_model, model_config
 from leo_jax.sharding import build_mesh
+from leo_jax.train import cpu_process
 from leo_jax.train.config import TrainConfig
 from leo_jax.train.metrics import peak_flops_per_device, train_flops_per_step
 from leo_jax.train.optimizer import TrainableFilter, count_params, make_optimizer
@@ -274,6 +278,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-scheduler", default="",
                         help="also time each implementation compiled with this XLA:CPU scheduler type instead of the "
                              "trainer's (leo_jax.train.step.CPU_COMPILER_OPTIONS), e.g. CPU_SCHEDULER_TYPE_DEFAULT")
+    parser.add_argument("--cpu-process", choices=("trainer", "default"), default="trainer",
+                        help="trainer: this process runs with the train CLI's CPU settings (leo_jax.train.cpu_process: "
+                             "computations inline, glibc keeps freed memory), which PyTorch's side then shares; "
+                             "default: JAX's and glibc's defaults")
     parser.add_argument("--quick", action="store_true", help=f"tiny CPU check: {QUICK}")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv and not any(a == "--config" or a.startswith("--config=") for a in argv):
@@ -283,6 +291,10 @@ def main(argv=None) -> int:
         for key, value in QUICK.items():
             if key != "config":
                 setattr(args, key, value)
+    if args.cpu_process == "trainer":
+        cpu_process.run_computations_inline()  # before the backend starts, as the train CLI does
+        if jax.default_backend() == "cpu":
+            cpu_process.keep_freed_memory()
     llm = llm_of(config.model)
     if args.layers:
         llm.num_layers = args.layers
@@ -319,7 +331,8 @@ def main(argv=None) -> int:
         runner.report(seconds[name])
     if jax.devices()[0].platform == "cpu":  # host memory the step maps in afresh: README "On CPU"
         print("host page faults per step: " + ", ".join(f"{name} {faults[name] / (args.rounds * args.steps):.0f}"
-                                                         for name in runners))
+                                                         for name in runners)
+              + f" (CPU process settings: {args.cpu_process})")
     if torch_step is not None:
         for impl in runners:
             if impl != "pytorch":

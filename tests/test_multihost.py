@@ -108,6 +108,8 @@ def test_two_processes_train_like_one(runs):
     for name in ("one", "two"):
         results = json.loads((root / name / "eval_results.json").read_text())
         assert results["step"] == 2 and results["eval/num"] == 8.0, results
+    # On CPU the CLI runs with leo_jax.train.cpu_process's settings.
+    assert "CPU process: glibc keeps freed memory" in logs["one"][0]
     # Only process 0 logs progress; process 1 reports warnings and errors only.
     assert "step 4/4" in logs["two"][0] and "step 4/4" not in logs["two"][1]
 

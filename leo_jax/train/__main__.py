@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from leo_jax.train import distributed
+    from leo_jax.train import cpu_process, distributed
 
+    cpu_process.run_computations_inline()  # before the backend starts; CPU only (module doc)
     try:  # before any JAX backend call: jax.distributed must start first
         distributed.initialize(distributed.resolve_process_group(args.coordinator_address, args.num_processes,
                                                                  args.process_id), args.distributed_timeout)
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("leo_jax.train").info("%s", distributed.describe())
     import jax
 
+    if jax.default_backend() == "cpu":
+        cpu_process.keep_freed_memory()
     if jax.process_index() != 0:  # one log for the job: the other processes report warnings and errors only
         logging.getLogger("leo_jax").setLevel(logging.WARNING)
 
