@@ -6,7 +6,9 @@ arenas cannot hold a block that large, so glibc maps it afresh with `mmap` on ev
 page in again: ~30,000 page faults, about a third of the tiny step on a 2-core machine. Two settings keep the pages:
 
 1. `run_computations_inline`, before the JAX backend starts: single-device CPU computations run on the calling (main)
-   thread (`jax_cpu_enable_async_dispatch=False`), whose allocations come from glibc's main arena.
+   thread (`jax_cpu_enable_async_dispatch=False`), whose allocations come from glibc's main arena. Only when every
+   input is ready: a computation whose input is still being copied in runs later on a worker thread, so the trainer
+   waits for each batch's copy first (`wait_for_inputs`).
 2. `keep_freed_memory`, once the job is known to run on CPU: the main arena serves large blocks from its heap and keeps
    freed memory instead of returning it to the system (`mallopt` M_MMAP_MAX=0, M_TRIM_THRESHOLD 2 GiB), so the next
    call's block lands on pages already mapped. The process keeps its peak heap size until it exits.
@@ -33,6 +35,13 @@ def run_computations_inline() -> None:
     """Single-device CPU computations run on the calling thread. Takes effect only when called before the JAX backend
     starts (the first device query, array or jit call); it does not change GPU / TPU computations."""
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def wait_for_inputs(arrays, mesh: jax.sharding.Mesh) -> None:
+    """On a CPU mesh, returns once `arrays` (e.g. a batch just copied to the devices) are ready, so that the next
+    computation on them can run inline; elsewhere returns at once (the copy overlaps the running step)."""
+    if mesh.devices.flat[0].platform == "cpu":
+        jax.block_until_ready(arrays)
 
 
 def keep_freed_memory() -> bool:

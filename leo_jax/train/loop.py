@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from leo_jax.data import pipeline, preflight, sources, templates, visual
 from leo_jax.models.registry import build_model, model_config
 from leo_jax.sharding import batch_shards, build_mesh
-from leo_jax.train import distributed
+from leo_jax.train import cpu_process, distributed
 from leo_jax.train import metrics as metrics_lib
 from leo_jax.train.checkpoint import Checkpointer
 from leo_jax.train.config import TrainConfig
@@ -318,7 +318,9 @@ class Trainer:
                 if jitted is None:
                     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
                     jitted = jit_train_step(self._train_step, self.state_shardings, shapes, self.mesh)
-                self.state, step_metrics = jitted(self.state, pipeline.to_global_batch(local, self.mesh, batch_spec))
+                global_batch = pipeline.to_global_batch(local, self.mesh, batch_spec)
+                cpu_process.wait_for_inputs(global_batch, self.mesh)
+                self.state, step_metrics = jitted(self.state, global_batch)
                 done = step + 1
                 self._pending.append((done, step_metrics, int(batch["input_ids"].shape[1]), counts))
                 last = done == self.total_steps
