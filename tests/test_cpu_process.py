@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A program whose 12 intermediates of 4 MiB are all live at its end (96 MiB of temporaries, which XLA:CPU allocates as
 # one block per call), called as the trainer calls its step (on an input just copied in) 6 times after 2 warm-up calls;
-# prints its temporaries and minor page faults per call. Modes: "trainer" (the settings, waiting for the copy),
-# "no_wait" (the settings, not waiting) and "default".
+# prints its temporaries and minor page faults per call. Modes: "trainer" (the settings, waiting for the copy as the
+# trainer does), "no_wait" (the settings, not waiting) and "default". Without the wait the program runs on a worker
+# thread and maps its block afresh whenever the copy is still under way when it is called: on an idle machine every
+# call (~26,000 faults), under load sometimes none, so that case is not asserted.
 SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import jax, jax.numpy as jnp, numpy as np
@@ -68,14 +70,11 @@ def _transparent_huge_pages_always() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and Linux page-fault counts")
 def test_trainer_cpu_settings_reuse_the_temporaries_pages():
-    trainer, no_wait, default = _run("trainer"), _run("no_wait"), _run("default")
+    trainer, default = _run("trainer"), _run("default")
     pages = trainer["temp_bytes"] / 4096
     assert trainer["temp_bytes"] > 64 * 2**20, trainer  # larger than glibc's largest heap-served block (32 MiB)
     assert trainer["applied"] is True
     # With the settings a call maps (almost) nothing in; the 96 MiB block alone is 24,600 pages.
-    assert trainer["faults_per_call"] < 0.05 * pages, (trainer, no_wait, default)
-    if not _transparent_huge_pages_always():  # with huge pages for every mapping the others fault 512x less
-        # Called on a batch whose copy is still under way, the program runs on a worker thread and maps its block
-        # afresh, settings or not: the trainer waits for the copy first (cpu_process.wait_for_inputs).
-        assert no_wait["faults_per_call"] > 0.5 * pages, (trainer, no_wait, default)
-        assert default["faults_per_call"] > 0.5 * pages, (trainer, no_wait, default)
+    assert trainer["faults_per_call"] < 0.05 * pages, (trainer, default)
+    if not _transparent_huge_pages_always():  # with huge pages for every mapping the default faults 512x less
+        assert default["faults_per_call"] > 0.5 * pages, (trainer, default)
