@@ -293,8 +293,7 @@ def main(argv=None) -> int:
                 setattr(args, key, value)
     if args.cpu_process == "trainer":
         cpu_process.run_computations_inline()  # before the backend starts, as the train CLI does
-        if jax.default_backend() == "cpu":
-            cpu_process.keep_freed_memory()
+        cpu_process.keep_freed_memory()
     llm = llm_of(config.model)
     if args.layers:
         llm.num_layers = args.layers

@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("leo_jax.train").info("%s", distributed.describe())
     import jax
 
-    if jax.default_backend() == "cpu":
-        cpu_process.keep_freed_memory()
+    cpu_process.keep_freed_memory()  # on CPU only
     if jax.process_index() != 0:  # one log for the job: the other processes report warnings and errors only
         logging.getLogger("leo_jax").setLevel(logging.WARNING)
 

@@ -9,9 +9,9 @@ page in again: ~30,000 page faults, about a third of the tiny step on a 2-core m
    thread (`jax_cpu_enable_async_dispatch=False`), whose allocations come from glibc's main arena. Only when every
    input is ready: a computation whose input is still being copied in runs later on a worker thread, so the trainer
    waits for each batch's copy first (`wait_for_inputs`).
-2. `keep_freed_memory`, once the job is known to run on CPU: the main arena serves large blocks from its heap and keeps
-   freed memory instead of returning it to the system (`mallopt` M_MMAP_MAX=0, M_TRIM_THRESHOLD 2 GiB), so the next
-   call's block lands on pages already mapped. The process keeps its peak heap size until it exits.
+2. `keep_freed_memory`, after `jax.distributed` starts, on CPU only: the main arena serves large blocks from its
+   heap and keeps freed memory instead of returning it to the system (`mallopt` M_MMAP_MAX=0, M_TRIM_THRESHOLD
+   2 GiB), so the next call's block lands on pages already mapped. The process keeps its peak heap size until it exits.
 
 The train CLI and benchmarks/bench_step apply both; README "On CPU" has the measurements. Numbers are unchanged: the
 same compiled program runs, only on another thread and other pages.
@@ -45,8 +45,11 @@ def wait_for_inputs(arrays, mesh: jax.sharding.Mesh) -> None:
 
 
 def keep_freed_memory() -> bool:
-    """glibc's main arena stops mapping large blocks separately and stops returning freed memory to the system.
-    Returns whether it applied: only with glibc (not macOS or musl)."""
+    """On a CPU job (JAX's default backend; this starts it), glibc's main arena stops mapping large blocks separately
+    and stops returning freed memory to the system. Returns whether it applied: only on CPU with glibc (not macOS or
+    musl)."""
+    if jax.default_backend() != "cpu":
+        return False
     try:
         libc_version = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"; unknown name (ValueError) elsewhere
     except (ValueError, OSError):
